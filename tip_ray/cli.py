@@ -1,0 +1,54 @@
+"""The `tip-ray` command line: one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+import tip_ray
+
+_STACK = ("torch", "transformers", "ray", "deepspeed", "vllm", "hydra", "wandb", "safetensors")
+
+
+def _env(_: argparse.Namespace) -> int:
+    """Print the versions of the stack and the devices torch sees (for bug reports)."""
+    print(f"tip_ray      {tip_ray.__version__}")
+    print(f"python       {platform.python_version()} ({sys.executable})")
+    for name in _STACK:
+        try:
+            module = importlib.import_module(name)
+            version = getattr(module, "__version__", "unknown")
+        except Exception as exc:  # a broken optional engine must not hide the rest
+            version = f"not importable ({type(exc).__name__}: {exc})"
+        print(f"{name:<12} {version}")
+    import torch
+
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            print(f"cuda:{i}       {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    else:
+        print(f"devices      cpu only ({torch.get_num_threads()} threads)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="tip-ray", description=tip_ray.__doc__)
+    parser.add_argument("--version", action="version", version=f"tip-ray {tip_ray.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    env = commands.add_parser("env", help="print the versions of the stack and the visible devices")
+    env.set_defaults(run=_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tip-ray` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

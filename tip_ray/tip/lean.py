@@ -1,0 +1,228 @@
+"""The memory-lean distillation loss (TIP_SPEC section 6).
+
+Full-vocabulary logits, not the backbone, set a distillation learner's peak memory. This path
+never holds them with gradient:
+
+1. ``token_stats_from_hidden``: the lm_head runs on the valid hidden states chunk by chunk
+   without gradient, and only the per-token statistics (a few floats per token) are kept;
+2. selection picks the kept tokens (over the global batch, if the caller gathers statistics);
+3. ``kept_token_loss``: the lm_head and the loss run on the kept hidden states alone, one chunk
+   at a time; each chunk's gradient with respect to its logits is turned into gradients of the
+   hidden states and the lm_head at once, so no chunk's logits outlive the chunk.
+
+Working memory is O(chunk_rows * V) whatever the number of tokens, plus the lm_head's gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losses_for_rows
+from tip_ray.tip.select import Direction, Scope, token_weights
+from tip_ray.tip.signal import TeacherSignal
+from tip_ray.tip.stats import DEFAULT_TA_K, STAT_NAMES, TokenStats, stats_for_rows, validate_student_inputs
+
+DEFAULT_LEAN_CHUNK_ROWS = 512
+
+
+def _check_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None) -> tuple[int, int, int]:
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (hidden size), got {tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (lm_head_weight.shape[0],):
+        raise ValueError(f"lm_head_bias must be [V] = [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
+    return hidden.shape[0], hidden.shape[1], lm_head_weight.shape[0]
+
+
+def _check_chunk(chunk_rows: int) -> None:
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+
+
+@torch.no_grad()
+def token_stats_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher: TeacherSignal,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    ta_k: int = DEFAULT_TA_K,
+    chunk_rows: int = DEFAULT_LEAN_CHUNK_ROWS,
+) -> TokenStats:
+    """Token statistics from final hidden states [B, T, H] and the lm_head ([V, H], bias [V]).
+
+    Same result as ``compute_token_stats`` on the logits ``hidden @ W.T + b``, computed
+    ``chunk_rows`` valid positions at a time, without gradient.
+    """
+    batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
+    _check_chunk(chunk_rows)
+    validate_student_inputs((batch, length), vocab, response_ids, mask)
+    teacher.validate(batch, length, vocab, mask)
+    rows = hidden[mask]
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("hidden states hold NaN or inf at a response position")
+    ids, t_ids, t_lp, t_samp = (
+        response_ids[mask], teacher.topk_ids[mask], teacher.topk_logprobs[mask], teacher.sampled_logprobs[mask]
+    )
+    parts = []
+    for i in range(0, rows.shape[0], chunk_rows):
+        logits = F.linear(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias)
+        parts.append(
+            stats_for_rows(logits, ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
+                           t_samp[i : i + chunk_rows], ta_k)
+        )
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    flat = {
+        name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0, dtype=dtype, device=mask.device)
+        for name in STAT_NAMES
+    }
+    return TokenStats.from_flat(flat, response_ids, mask, vocab)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum_i w_i * loss_i over rows, with the gradient computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, response_ids, topk_ids, topk_logprobs, sampled_logprobs,
+                token_weights_, kind, beta, chunk_rows):
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight) if need_w else None
+        grad_bias = torch.zeros_like(bias) if (bias is not None and need_b) else None
+        total = torch.zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
+                            device=hidden.device)
+        for i in range(0, hidden.shape[0], chunk_rows):
+            h = hidden[i : i + chunk_rows]
+            with torch.enable_grad():
+                logits = F.linear(h, weight, bias).detach().requires_grad_(True)
+                per_token = token_losses_for_rows(
+                    logits, response_ids[i : i + chunk_rows], topk_ids[i : i + chunk_rows],
+                    topk_logprobs[i : i + chunk_rows], sampled_logprobs[i : i + chunk_rows], kind, beta,
+                )
+                chunk_loss = (per_token * token_weights_[i : i + chunk_rows].to(per_token.dtype)).sum()
+                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+            total += chunk_loss.detach().to(total.dtype)
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[i : i + chunk_rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h.to(weight.dtype))
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+            del logits, per_token, grad_logits
+        ctx.save_for_backward(
+            *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
+        )
+        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors
+        grads = [g * grad_output.to(g.dtype) if present else None for g, present in zip(saved, ctx.present)]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+def kept_token_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher: TeacherSignal,
+    response_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    kind: str = "rkl",
+    beta: float = 0.5,
+    normalization: str = "kept",
+    denominator: float | torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_LEAN_CHUNK_ROWS,
+) -> torch.Tensor:
+    """The distillation loss over the positions with non-zero ``weights`` [B, T], a scalar.
+
+    Gradient flows into ``hidden`` [B, T, H], ``lm_head_weight`` [V, H] and ``lm_head_bias``.
+    Equals ``distill_loss_from_logits`` on ``hidden @ W.T + b`` with the same weights, but
+    only ``chunk_rows`` rows of logits exist at a time. ``denominator`` as in
+    ``reduce_token_loss`` (default from ``normalization`` and the local ``weights``/``mask``).
+    """
+    check_loss_options(kind, beta, normalization)
+    _check_chunk(chunk_rows)
+    batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
+    validate_student_inputs((batch, length), vocab, response_ids, mask)
+    if tuple(weights.shape) != (batch, length):
+        raise ValueError(f"weights must be [B, T] = {(batch, length)}, got {tuple(weights.shape)}")
+    if bool((weights[~mask] != 0).any()):
+        raise ValueError("weights are non-zero at positions outside the mask (prompt or padding)")
+    teacher.validate(batch, length, vocab, mask)
+    kept = weights != 0
+    den = loss_denominator(weights, mask, normalization) if denominator is None else denominator
+    den = torch.as_tensor(den, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
+                          device=hidden.device)
+    if not bool(kept.any()) or float(den) <= 0:
+        # Nothing to learn from: a zero that still joins the graph, so backward() works.
+        return hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0
+    total = _ChunkedHeadLoss.apply(
+        hidden[kept], lm_head_weight, lm_head_bias, response_ids[kept], teacher.topk_ids[kept],
+        teacher.topk_logprobs[kept], teacher.sampled_logprobs[kept], weights[kept], kind, beta, chunk_rows,
+    )
+    return total / den
+
+
+@dataclass(frozen=True)
+class LeanLossOutput:
+    """The loss (scalar, with gradient), the statistics, the rule's weights [B, T] and counts."""
+
+    loss: torch.Tensor
+    stats: TokenStats
+    weights: torch.Tensor
+    num_kept: int
+    num_valid: int
+
+
+def lean_distill_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher: TeacherSignal,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    rule: str = "soft_or",
+    ratio: float | None = None,
+    loss: str = "rkl",
+    beta: float = 0.5,
+    normalization: str = "kept",
+    lm_head_bias: torch.Tensor | None = None,
+    ta_k: int = DEFAULT_TA_K,
+    chunk_rows: int = DEFAULT_LEAN_CHUNK_ROWS,
+    generator: torch.Generator | None = None,
+    direction: Direction = "top",
+    scope: Scope = "batch",
+    **rule_params: object,
+) -> LeanLossOutput:
+    """Statistics -> selection -> kept-token loss for one process's batch.
+
+    ``hidden`` [B, T, H] final hidden states aligned so that position t predicts
+    ``response_ids[:, t]``; ``lm_head_weight`` [V, H]; ``teacher`` and ``mask`` [B, T].
+    Selection uses ``rule``/``ratio``/``direction``/``scope`` and ``rule_params`` as in
+    ``select_tokens``. A data-parallel learner calls the three stages itself, to select over
+    the global batch.
+    """
+    check_loss_options(loss, beta, normalization)
+    stats = token_stats_from_hidden(
+        hidden, lm_head_weight, teacher, response_ids, mask, lm_head_bias=lm_head_bias, ta_k=ta_k,
+        chunk_rows=chunk_rows,
+    )
+    weights = token_weights(stats, rule, ratio, None, generator, direction=direction, scope=scope, **rule_params)
+    value = kept_token_loss(
+        hidden, lm_head_weight, teacher, response_ids, weights.to(hidden.dtype), mask, lm_head_bias=lm_head_bias,
+        kind=loss, beta=beta, normalization=normalization, chunk_rows=chunk_rows,
+    )
+    return LeanLossOutput(value, stats, weights, int((weights != 0).sum()), stats.num_valid)

@@ -1,0 +1,115 @@
+"""The teacher's per-position signal and the checks every consumer relies on.
+
+The teacher scores each response position t of a student rollout and sends, per position,
+the log-probabilities of its top-K tokens plus the log-probability of the token the student
+actually sampled (TIP_SPEC section 3). K equal to the vocabulary size is the exact `full` mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A log-probability above this is not a log-probability (someone passed logits).
+_LOGPROB_SLACK = 1e-3
+
+
+@dataclass(frozen=True)
+class TeacherSignal:
+    """Teacher log-probs for every response position.
+
+    Shapes: ``topk_ids`` int [B, T, K], ``topk_logprobs`` float [B, T, K],
+    ``sampled_logprobs`` float [B, T] (the teacher's log-prob of the student's sampled token).
+    Positions outside the response mask may hold anything finite; they are never read.
+    """
+
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    sampled_logprobs: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        """Number of teacher tokens sent per position."""
+        return int(self.topk_ids.shape[-1])
+
+    def is_full(self, vocab_size: int) -> bool:
+        """True when the signal carries the teacher's whole distribution (K == V)."""
+        return self.k == vocab_size
+
+    @classmethod
+    def from_logits(
+        cls,
+        teacher_logits: torch.Tensor,
+        response_ids: torch.Tensor,
+        k: int | None = None,
+        values_dtype: torch.dtype | None = None,
+    ) -> "TeacherSignal":
+        """Build the signal from full teacher logits [B, T, V] (temperature 1).
+
+        ``k=None`` keeps the whole distribution (full mode); otherwise the top-k tokens.
+        ``response_ids`` [B, T] are the student's sampled tokens; ids outside [0, V) (padding)
+        get a sampled log-prob of 0.
+        """
+        if teacher_logits.dim() != 3:
+            raise ValueError(f"teacher_logits must be [B, T, V], got shape {tuple(teacher_logits.shape)}")
+        vocab = teacher_logits.shape[-1]
+        logprobs = torch.log_softmax(teacher_logits.float() if teacher_logits.dtype in (torch.float16, torch.bfloat16) else teacher_logits, dim=-1)
+        if k is None or k == vocab:
+            values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+        else:
+            if not 0 < k <= vocab:
+                raise ValueError(f"k must be in [1, {vocab}] (the vocabulary size), got {k}")
+            values, ids = torch.topk(logprobs, k, dim=-1)
+        safe_ids = response_ids.clamp(0, vocab - 1)
+        sampled = logprobs.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)
+        sampled = torch.where((response_ids >= 0) & (response_ids < vocab), sampled, torch.zeros_like(sampled))
+        dtype = values_dtype or values.dtype
+        return cls(topk_ids=ids.to(torch.int32), topk_logprobs=values.to(dtype), sampled_logprobs=sampled.to(dtype))
+
+    def validate(self, batch: int, length: int, vocab_size: int, mask: torch.Tensor | None = None) -> None:
+        """Raise ValueError naming the field if shapes, ids or values are unusable.
+
+        Checks shapes against [batch, length, K], K <= vocab_size, ids in [0, vocab_size) and
+        finite log-probs <= 0 at the positions where ``mask`` [B, T] is True (all if None).
+        """
+        ids, lps, samp = self.topk_ids, self.topk_logprobs, self.sampled_logprobs
+        if ids.dim() != 3:
+            raise ValueError(f"teacher.topk_ids must be [B, T, K], got shape {tuple(ids.shape)}")
+        if tuple(lps.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"teacher.topk_logprobs shape {tuple(lps.shape)} differs from teacher.topk_ids shape {tuple(ids.shape)}"
+            )
+        if tuple(ids.shape[:2]) != (batch, length):
+            raise ValueError(
+                f"teacher signal covers [B, T] = {tuple(ids.shape[:2])} but the student has {(batch, length)}"
+            )
+        if tuple(samp.shape) != (batch, length):
+            raise ValueError(f"teacher.sampled_logprobs must be [B, T] = {(batch, length)}, got {tuple(samp.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"teacher.topk_ids must be an integer tensor, got {ids.dtype}")
+        if not lps.dtype.is_floating_point or not samp.dtype.is_floating_point:
+            raise ValueError("teacher.topk_logprobs and teacher.sampled_logprobs must be floating point")
+        if self.k < 1 or self.k > vocab_size:
+            raise ValueError(f"teacher top-K = {self.k} must be in [1, vocab_size = {vocab_size}]")
+        sel = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=ids.device)
+        if not bool(sel.any()):
+            return
+        v_ids, v_lps, v_samp = ids[sel], lps[sel], samp[sel]
+        if bool(((v_ids < 0) | (v_ids >= vocab_size)).any()):
+            bad = v_ids[(v_ids < 0) | (v_ids >= vocab_size)][0].item()
+            raise ValueError(f"teacher.topk_ids holds id {bad}, outside the vocabulary [0, {vocab_size})")
+        for name, values in (("teacher.topk_logprobs", v_lps), ("teacher.sampled_logprobs", v_samp)):
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{name} holds NaN or inf at a response position")
+            if bool((values > _LOGPROB_SLACK).any()):
+                raise ValueError(
+                    f"{name} holds values > 0 (max {values.max().item():.4g}): these are not log-probabilities"
+                    " (logits passed by mistake?)"
+                )
+        mass = v_lps.double().exp().sum(-1)
+        if bool((mass > 1.0 + 1e-2).any()):
+            raise ValueError(
+                f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"
+                " duplicated ids or values that are not log-probabilities"
+            )

@@ -1,0 +1,130 @@
+"""Student and teacher distributions aligned on a common support (TIP_SPEC section 3).
+
+Every divergence in tip_ray is computed between two vectors of log-probabilities over the same
+outcomes. In ``full`` mode the outcomes are the vocabulary. In ``topk`` mode they are the
+teacher's top-K ids, the sampled token and one tail bucket holding all the remaining mass of
+each side, so the estimate is a divergence between two true distributions: never negative, and
+never larger than the exact value (merging outcomes cannot increase a divergence).
+
+All functions work on flat rows: N positions, vocabulary V, teacher width K.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Floor for a tail bucket's mass: a teacher whose top-K covers all its mass (up to rounding)
+# would otherwise give the student's tail an infinite penalty.
+TAIL_FLOOR = 1e-10
+_LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
+
+
+def _masked_logsumexp(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(values.masked_fill(~valid, float("-inf")), dim=-1, keepdim=True)
+
+
+def aligned_distributions(
+    student_logp: torch.Tensor,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    full: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (student_log, teacher_log, valid), each [N, S], on a common support.
+
+    ``student_logp`` [N, V] are the student's log-softmax values (gradient flows through them);
+    ``response_ids`` [N]; ``topk_ids``/``topk_logprobs`` [N, K]; ``sampled_logprobs`` [N].
+    Full mode: S = V, the teacher scattered to the vocabulary and renormalised.
+    Top-K mode: S = K + 2 (teacher ids, the sampled id unless already among them, the tail).
+    Invalid slots hold -inf on both sides and must be skipped by the caller.
+    """
+    dtype = student_logp.dtype
+    t_ids = topk_ids.long()
+    t_lp = topk_logprobs.to(dtype)
+    if full:
+        teacher = torch.full_like(student_logp, float("-inf")).detach().scatter_(-1, t_ids, t_lp)
+        teacher = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
+        valid = torch.ones_like(student_logp, dtype=torch.bool)
+        return student_logp, teacher, valid
+
+    n, k = t_ids.shape
+    ids = response_ids.long().unsqueeze(-1)
+    sampled_is_new = ~(t_ids == ids).any(-1, keepdim=True)
+    slot_ids = torch.cat([t_ids, ids], dim=-1)
+    slot_valid = torch.cat([torch.ones(n, k, dtype=torch.bool, device=t_ids.device), sampled_is_new], dim=-1)
+
+    # Student: exact mass on the support, and the exact mass outside it as the tail.
+    s_support = student_logp.gather(-1, slot_ids)
+    in_support = torch.zeros_like(student_logp, dtype=torch.bool).scatter_(-1, slot_ids, True)
+    s_tail = torch.logsumexp(student_logp.masked_fill(in_support, float("-inf")), dim=-1, keepdim=True)
+    s_tail = s_tail.clamp(min=_LOG_TAIL_FLOOR)
+
+    # Teacher: the mass it did not send goes to the tail.
+    t_support = torch.cat([t_lp, sampled_logprobs.to(dtype).unsqueeze(-1)], dim=-1)
+    t_mass = t_support.exp().masked_fill(~slot_valid, 0.0).sum(-1, keepdim=True)
+    t_tail = torch.log((1.0 - t_mass).clamp(min=TAIL_FLOOR))
+
+    valid = torch.cat([slot_valid, torch.ones(n, 1, dtype=torch.bool, device=t_ids.device)], dim=-1)
+    student = torch.cat([s_support, s_tail], dim=-1)
+    teacher = torch.cat([t_support, t_tail], dim=-1)
+    student = (student - _masked_logsumexp(student, valid)).masked_fill(~valid, float("-inf"))
+    teacher = (teacher - _masked_logsumexp(teacher, valid)).masked_fill(~valid, float("-inf"))
+    return student, teacher, valid
+
+
+def kl_over(p_log: torch.Tensor, q_log: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row [N] from log-probs [N, S] over the valid slots; 0 log 0 = 0."""
+    zero = p_log.new_zeros(())
+    # Slots where p is exactly 0 contribute nothing; sanitising first keeps NaNs out of gradients.
+    usable = valid & torch.isfinite(p_log)
+    p_safe = torch.where(usable, p_log, zero)
+    q_safe = torch.where(usable, q_log, zero)
+    return torch.where(usable, p_safe.exp() * (p_safe - q_safe), zero).sum(-1)
+
+
+def generalized_jsd_over(
+    student_log: torch.Tensor, teacher_log: torch.Tensor, valid: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Generalized JSD per row [N] in TRL's GKD convention.
+
+    M = beta * P_T + (1 - beta) * P_S; JSD = beta * KL(P_T || M) + (1 - beta) * KL(P_S || M).
+    beta = 0 is forward KL(P_T || P_S), beta = 1 reverse KL(P_S || P_T).
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return kl_over(teacher_log, student_log, valid)
+    if beta == 1.0:
+        return kl_over(student_log, teacher_log, valid)
+    # Invalid slots are zeroed first: a logsumexp over two -inf has a NaN gradient.
+    zero = student_log.new_zeros(())
+    student_log = torch.where(valid, student_log, zero)
+    teacher_log = torch.where(valid, teacher_log, zero)
+    mix = torch.logsumexp(
+        torch.stack([student_log + math.log(1.0 - beta), teacher_log + math.log(beta)]), dim=0
+    )
+    return beta * kl_over(teacher_log, mix, valid) + (1.0 - beta) * kl_over(student_log, mix, valid)
+
+
+def teacher_logprob_lookup(
+    query_ids: torch.Tensor,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+) -> torch.Tensor:
+    """Teacher log-probs [N, Q] of arbitrary ids [N, Q] from a top-K signal; -inf where unknown.
+
+    Known ids are the teacher's top-K and the sampled token (``response_ids`` [N]). Values are
+    the teacher's own, not renormalised.
+    """
+    dtype = topk_logprobs.dtype
+    hits = query_ids.unsqueeze(-1) == topk_ids.long().unsqueeze(-2)  # [N, Q, K]
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=query_ids.device)
+    from_topk = torch.where(hits, topk_logprobs.unsqueeze(-2), neg_inf).amax(-1)
+    is_sampled = query_ids == response_ids.long().unsqueeze(-1)
+    from_sampled = torch.where(is_sampled, sampled_logprobs.to(dtype).unsqueeze(-1), neg_inf)
+    return torch.maximum(from_topk, from_sampled)
