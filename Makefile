@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(PY) bench/lean_loss_memory.py --preset demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)

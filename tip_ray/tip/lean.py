@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losses_for_rows
 from tip_ray.tip.select import Direction, Scope, token_weights
@@ -122,12 +123,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.consumed = False
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        saved = ctx.saved_tensors
-        grads = [g * grad_output.to(g.dtype) if present else None for g, present in zip(saved, ctx.present)]
+        if ctx.consumed:
+            raise RuntimeError("the lean TIP loss supports one backward pass per forward (no retain_graph reuse)")
+        ctx.consumed = True
+        # Scaled in place and handed over: autograd then adopts the buffers as .grad, so no
+        # second lm_head-sized tensor is allocated.
+        grads = [g.mul_(grad_output.to(g.dtype)) if present else None
+                 for g, present in zip(ctx.saved_tensors, ctx.present)]
         return (*grads, None, None, None, None, None, None, None, None)
 
 

@@ -13,8 +13,9 @@ every rank and select over the global batch; ``select_tokens``/``token_weights``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 

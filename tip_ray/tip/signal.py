@@ -44,7 +44,7 @@ class TeacherSignal:
         response_ids: torch.Tensor,
         k: int | None = None,
         values_dtype: torch.dtype | None = None,
-    ) -> "TeacherSignal":
+    ) -> TeacherSignal:
         """Build the signal from full teacher logits [B, T, V] (temperature 1).
 
         ``k=None`` keeps the whole distribution (full mode); otherwise the top-k tokens.

@@ -16,6 +16,7 @@ from tip_ray.tip.support import (
     aligned_distributions,
     generalized_jsd_over,
     kl_over,
+    stable_topk_ids,
     teacher_logprob_lookup,
 )
 
@@ -74,7 +75,7 @@ class TokenStats:
     @classmethod
     def from_flat(
         cls, values: dict[str, torch.Tensor], token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int
-    ) -> "TokenStats":
+    ) -> TokenStats:
         """Scatter 1-D per-valid-position statistics [m] back into [B, T] tensors."""
         out = {}
         for name in STAT_NAMES:
@@ -120,20 +121,21 @@ def stats_for_rows(
     jsd = (generalized_jsd_over(s_log, t_log, valid, 0.5) / math.log(2)).clamp(0, 1)
 
     k = min(ta_k, vocab)
-    s_top_lp, s_top_ids = torch.topk(logp, k, dim=-1)
+    s_top_ids = stable_topk_ids(logp, k)
+    s_top_lp = logp.gather(-1, s_top_ids)
     if full:
         # t_log is the renormalised teacher over the vocabulary in full mode.
         def lookup(ids: torch.Tensor) -> torch.Tensor:
             return t_log.gather(-1, ids)
 
-        t_top_ids = torch.topk(t_log, k, dim=-1).indices
+        t_top_ids = stable_topk_ids(t_log, k)
     else:
         t_lp = topk_logprobs.to(logp.dtype)
 
         def lookup(ids: torch.Tensor) -> torch.Tensor:
             return teacher_logprob_lookup(ids, response_ids, topk_ids, t_lp, sampled_logprobs)
 
-        t_top_ids = topk_ids.long().gather(-1, torch.topk(t_lp, min(k, t_lp.shape[-1]), dim=-1).indices)
+        t_top_ids = topk_ids.long().gather(-1, stable_topk_ids(t_lp, min(k, t_lp.shape[-1])))
 
     mass_on_student_top = lookup(s_top_ids).exp().sum(-1)
     ta_entropy = _renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)

@@ -128,3 +128,17 @@ def teacher_logprob_lookup(
     is_sampled = query_ids == response_ids.long().unsqueeze(-1)
     from_sampled = torch.where(is_sampled, sampled_logprobs.to(dtype).unsqueeze(-1), neg_inf)
     return torch.maximum(from_topk, from_sampled)
+
+
+def stable_topk_ids(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids [N, k] of the k largest values per row [N, V], ties broken towards lower ids.
+
+    ``torch.topk`` leaves the order of ties unspecified (and it differs between devices);
+    bf16 logits tie often, so the choice must not depend on it. Ids come back in id order.
+    """
+    kth = torch.topk(values, k, dim=-1).values[..., -1:]
+    above = values > kth
+    tied = values == kth
+    room = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= room))
+    return chosen.nonzero()[:, -1].reshape(*values.shape[:-1], k)
