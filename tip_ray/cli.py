@@ -34,6 +34,16 @@ def _env(_: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_demo(args: argparse.Namespace) -> int:
+    """Build (or copy) the embedded teacher, student, tokenizer and task data."""
+    from tip_ray.embedded.prepare import prepare_demo
+
+    assets = prepare_demo(args.out, rebuild=args.rebuild)
+    print(f"teacher held-out accuracy {assets.teacher_accuracy:.3f}  ({assets.teacher})")
+    print(f"student held-out accuracy {assets.student_accuracy:.3f}  ({assets.student})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="tip-ray", description=tip_ray.__doc__)
@@ -41,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="print the versions of the stack and the visible devices")
     env.set_defaults(run=_env)
+    prep = commands.add_parser("prepare-demo", help="build the embedded teacher, student, tokenizer and task data")
+    prep.add_argument("--out", default="runs/embedded", help="output directory (default: runs/embedded)")
+    prep.add_argument("--rebuild", action="store_true",
+                      help="train teacher and student from the seed instead of copying the shipped weights")
+    prep.set_defaults(run=_prepare_demo)
     return parser
 
 

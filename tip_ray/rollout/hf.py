@@ -1,0 +1,117 @@
+"""Generation with plain transformers ``generate``: the fallback engine and the evaluator's.
+
+Prompts and responses are token ids; a response keeps its end-of-turn token when it stopped on
+one, and carries the log-prob of every sampled token under the sampling distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample: ``temperature`` 0 is greedy; ``n`` samples per prompt."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One response: ids, the sampled tokens' log-probs, and ``stop`` or ``length``."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+class HFGenerator:
+    """Batched generation from a ``transformers`` causal LM (left padding, KV cache)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 256) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eos_ids = self._eos_ids(tokenizer, model)
+
+    @staticmethod
+    def _eos_ids(tokenizer, model) -> list[int]:
+        ids = {tokenizer.eos_token_id}
+        config_eos = getattr(model.generation_config, "eos_token_id", None)
+        if isinstance(config_eos, int):
+            ids.add(config_eos)
+        elif config_eos:
+            ids.update(config_eos)
+        return sorted(i for i in ids if i is not None)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Generation]:
+        """``sampling.n`` generations per prompt, ordered prompt by prompt."""
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        was_training = self.model.training
+        self.model.eval()
+        requests = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+        out: list[Generation] = []
+        try:
+            for start in range(0, len(requests), self.batch_size):
+                out.extend(self._generate_batch(requests[start : start + self.batch_size], sampling))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_batch(self, requests: list[tuple[int, list[int]]], sampling: SamplingSettings) -> list[Generation]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for _, p in requests)
+        device = next(self.model.parameters()).device
+        input_ids = torch.full((len(requests), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, (_, prompt) in enumerate(requests):
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            attention[row, width - len(prompt) :] = 1
+        greedy = sampling.temperature == 0
+        result = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            eos_token_id=self.eos_ids,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+        new_tokens = result.sequences[:, width:].cpu()
+        logprobs = torch.stack(
+            [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, i : i + 1].to(s.device)).squeeze(-1).cpu()
+             for i, s in enumerate(result.scores)],
+            dim=1,
+        )
+        generations = []
+        for row, (index, _) in enumerate(requests):
+            ids = new_tokens[row].tolist()
+            stop = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
+            keep = len(ids) if stop is None else stop + 1
+            generations.append(
+                Generation(index, ids[:keep], logprobs[row, :keep].tolist(), "length" if stop is None else "stop")
+            )
+        return generations
