@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/tip-ray prepare-demo
 	$(PY) bench/lean_loss_memory.py --preset demo
 
 test: $(STAMP)

@@ -170,7 +170,7 @@ def report(preset_name: str, preset: Preset, device: str, results: list[dict]) -
         table.add_row(r["path"], f"{r['ratio']:.2f}", str(r["kept"]), f"{r['peak_bytes'] / 2**20:.1f}",
                       f"{r['peak_vs_plain_all']:.3f}", verdict, f"{r['step_seconds']:.2f}",
                       f"{r['time_vs_plain_all']:.2f}")
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
     return {"preset": preset_name, "device": device, "config": asdict(preset), "results": results}
 
 

@@ -6,9 +6,11 @@ import argparse
 import importlib
 import platform
 import sys
+from pathlib import Path
 
 import tip_ray
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _STACK = ("torch", "transformers", "ray", "deepspeed", "vllm", "hydra", "wandb", "safetensors")
 
 
@@ -44,6 +46,44 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def compose(config_name: str, overrides: list[str]):
+    """Compose ``conf/<config_name>.yaml`` with Hydra overrides into its typed config object.
+
+    A typo, a wrong type or a value out of range is reported before anything heavy starts.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tip_ray.config import register_configs
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise SystemExit(f"tip-ray {config_name}: bad configuration: {exc}") from None
+    except ValueError as exc:
+        raise SystemExit(f"tip-ray {config_name}: {exc}") from None
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on a held-out prompt set (Hydra overrides as arguments)."""
+    from tip_ray.checkpoints import CheckpointError
+    from tip_ray.data.prompts import DataError
+    from tip_ray.eval.run import run_eval
+
+    cfg = compose("eval", args.overrides)
+    try:
+        run_eval(cfg)
+    except (CheckpointError, DataError) as exc:
+        raise SystemExit(f"tip-ray eval: {exc}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="tip-ray", description=tip_ray.__doc__)
@@ -56,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--rebuild", action="store_true",
                       help="train teacher and student from the seed instead of copying the shipped weights")
     prep.set_defaults(run=_prepare_demo)
+    ev = commands.add_parser("eval", help="evaluate a checkpoint on held-out prompts (Hydra overrides: key=value)")
+    ev.add_argument("overrides", nargs="*", help="e.g. model=runs/embedded/teacher data=math500 data.path=...")
+    ev.set_defaults(run=_eval)
     return parser
 
 

@@ -15,7 +15,6 @@ from typing import Protocol
 
 from tip_ray.data.grading import accuracy_with_ci, get_grader, pass_at_k
 from tip_ray.data.prompts import PromptDataset
-
 from tip_ray.rollout.hf import Generation, SamplingSettings
 
 

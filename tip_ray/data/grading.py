@@ -1,0 +1,191 @@
+"""Answer checking and accuracy statistics.
+
+Graders are ``(response, answer) -> bool`` functions, registered by name in ``GRADERS``:
+
+- ``math``: mathematical equivalence through math-verify (``grade_math``);
+- ``exact``: the last ``Answer: ...`` line, compared as a stripped string (``grade_exact``).
+
+Metrics take per-prompt lists of per-sample correctness: ``pass_at_1``/``mean_at_k`` (mean over
+prompts of the mean over samples), ``pass_at_k`` (the unbiased estimator for one prompt) and
+``mean_pass_at_k`` (its mean over prompts), and ``accuracy_with_ci`` (Wilson score interval).
+
+math-verify (and sympy under it) is imported on the first ``grade_math`` call only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from statistics import NormalDist
+from typing import Any
+
+Grader = Callable[[str, str], bool]
+
+DEFAULT_TIMEOUT_S = 5
+"""Seconds math-verify may spend parsing one string and comparing one pair (main thread only)."""
+
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""The stripped content of the last top-level ``\boxed{...}`` or ``\fbox{...}`` in ``text``
+    (nested braces matched), or None when there is none or the last one is never closed (a
+    truncated response).
+
+    math-verify exposes no string-level extractor (``math_verify.parse`` returns normalized sympy
+    objects), hence this small brace matcher.
+    """
+    last: str | None = None
+    position = 0
+    while (match := _BOX_OPEN.search(text, position)) is not None:
+        depth, end = 1, match.end()
+        while end < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        if depth:
+            return None
+        last = text[match.end() : end - 1].strip()
+        position = end
+    return last
+
+
+def grade_math(response: str, answer: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> bool:
+    r"""Whether ``response`` states an answer mathematically equivalent to ``answer``.
+
+    The gold is parsed by ``math_verify.parse`` from ``\boxed{answer}`` (or from ``answer`` as it is
+    when it already holds a ``\boxed``); the prediction is parsed from the whole response, ``\fbox``
+    read as ``\boxed``. math-verify prefers the last boxed answer, reads boxes close together
+    (``\boxed{1}, \boxed{2}``) as one multi-part answer, and without any box falls back to the last
+    plain expression. The two are compared by ``math_verify.verify``. Any exception, timeout or
+    unparsable side counts as incorrect.
+
+    Timeouts: math-verify bounds each parse and each comparison with ``signal.alarm``, which works
+    only in a process's main thread (elsewhere math-verify raises). In the main thread ``timeout_s``
+    is passed on; in any other thread math-verify's timeouts are turned off (``None``) so grading
+    still works, but unbounded: a pathological answer (``\boxed{10^{10^{10^{10}}}}``) then runs for
+    minutes. Ray actor methods run off the main thread (plain, threaded and async actors alike, as of
+    Ray 2.x); the driver and plain Ray tasks run on it. Grade in the driver or in a Ray task (or a
+    process pool) where a stuck comparison must not stall the caller.
+    """
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
+    try:
+        gold = _parse_gold(answer, timeout)
+        if not gold:
+            return False
+        # math-verify's extraction anchors on \boxed only; \fbox is the same box.
+        prediction = parse(response.replace("\\fbox{", "\\boxed{"), parsing_timeout=timeout)  # type: ignore[arg-type]
+        if not prediction:
+            return False
+        return bool(verify(list(gold), prediction, timeout_seconds=timeout))
+    except (Exception, TimeoutException):
+        return False
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(answer: str, timeout: int | None) -> tuple[Any, ...]:
+    """Parsed gold answer, cached: every sample of a prompt is graded against the same answer."""
+    from math_verify import parse
+
+    source = answer if "\\boxed" in answer else "\\boxed{" + answer + "}"
+    return tuple(parse(source, parsing_timeout=timeout))  # type: ignore[arg-type]
+
+
+def grade_exact(response: str, answer: str, pattern: str = r"Answer:\s*(\S+)") -> bool:
+    """Whether the LAST match of ``pattern`` in ``response`` equals ``answer`` (both stripped).
+
+    The compared text is the pattern's first group, or the whole match when it has no group. No
+    match counts as incorrect.
+    """
+    matches = list(re.finditer(pattern, response))
+    if not matches:
+        return False
+    match = matches[-1]
+    found = match.group(1) if match.re.groups else match.group(0)
+    return found is not None and found.strip() == answer.strip()
+
+
+GRADERS: dict[str, Grader] = {"math": grade_math, "exact": grade_exact}
+
+
+def get_grader(name: str) -> Grader:
+    """The grader registered as ``name`` in ``GRADERS``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return GRADERS[name]
+    except KeyError:
+        raise ValueError(f"unknown grader {name!r}; known graders: {sorted(GRADERS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _check_samples(correct: Sequence[Sequence[bool]]) -> None:
+    if not correct:
+        raise ValueError("no prompts to score")
+    for index, samples in enumerate(correct):
+        if not samples:
+            raise ValueError(f"prompt {index} has no samples")
+
+
+def mean_at_k(correct: Sequence[Sequence[bool]], k: int | None = None) -> float:
+    """mean@k: the mean over prompts of the fraction correct among each prompt's first ``k`` samples
+    (all samples when ``k`` is None). ``correct`` is ``[prompts][samples]``; every prompt needs at
+    least ``k`` samples."""
+    _check_samples(correct)
+    if k is not None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        short = [index for index, samples in enumerate(correct) if len(samples) < k]
+        if short:
+            raise ValueError(f"mean@{k} needs {k} samples per prompt; prompt {short[0]} has {len(correct[short[0]])}")
+    return sum(sum(map(bool, samples[:k])) / len(samples[:k]) for samples in correct) / len(correct)
+
+
+def pass_at_1(correct: Sequence[Sequence[bool]]) -> float:
+    """pass@1 estimated from all samples: the mean over prompts of the mean over samples,
+    ``correct`` being ``[prompts][samples]``."""
+    return mean_at_k(correct)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate for one prompt with ``c`` correct among ``n`` samples:
+    ``1 - C(n - c, k) / C(n, k)`` (Chen et al., 2021), computed exactly."""
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n={n}, got k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """pass@k over a dataset: the mean over prompts of ``pass_at_k(n_i, c_i, k)``, ``correct`` being
+    ``[prompts][samples]`` with at least ``k`` samples per prompt."""
+    _check_samples(correct)
+    return sum(pass_at_k(len(samples), sum(map(bool, samples)), k) for samples in correct) / len(correct)
+
+
+def accuracy_with_ci(correct: Sequence[bool], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the accuracy of ``correct`` (``[items]``) and its Wilson score interval at
+    ``confidence``."""
+    if not correct:
+        raise ValueError("no items to score")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n = len(correct)
+    successes = sum(map(bool, correct))
+    p = successes / n
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    denominator = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / denominator
+    low = 0.0 if successes == 0 else max(0.0, center - half)  # exact bounds at the edges, no rounding residue
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return p, low, high

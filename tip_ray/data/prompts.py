@@ -1,0 +1,517 @@
+"""Prompt datasets: read rows, build chat prompts, tokenize, filter, and stream them in batches.
+
+``load_prompt_dataset(cfg, tokenizer)`` turns a ``DataConfig`` into a ``PromptDataset`` of
+``PromptExample`` records (token ids ready for the rollout engine, the answer for grading).
+``PromptStream`` walks a dataset in batches, epoch after epoch, in a seeded order that depends only
+on ``(seed, epoch)``, and can be saved and resumed exactly.
+
+Sources (``DataConfig.format``, ``auto`` decides by what ``path`` is):
+
+- ``.jsonl`` / ``.json`` files, read with the ``json`` module (a ``.json`` file holds an array of
+  objects, or JSON lines);
+- ``.parquet`` files, read with pyarrow (nested columns become dicts and lists);
+- a directory written by ``datasets.save_to_disk`` (``datasets.load_from_disk``), another local
+  directory holding data files, or a hub name ``owner/name`` (``datasets.load_dataset``).
+
+Bad input raises ``DataError`` naming the source and the problem; empty prompts and prompts over
+``max_prompt_tokens`` (with ``on_overlong=drop``) are skipped and counted in ``PromptDataset.stats``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tip_ray.config import DataConfig
+
+Row = dict[str, Any]
+Message = dict[str, str]
+
+FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+_TOKENIZE_CHUNK = 1024
+
+
+class DataError(ValueError):
+    """A prompt source that cannot be used as configured; the message names the source and the problem."""
+
+
+class PromptTokenizer(Protocol):
+    """What the loader needs from a tokenizer (any Hugging Face tokenizer has it)."""
+
+    chat_template: str | None
+
+    def apply_chat_template(self, conversation: list[Message], *, tokenize: bool, add_generation_prompt: bool) -> Any:
+        """Render messages to text (``tokenize=False``)."""
+        ...
+
+    def __call__(self, text: list[str], *, add_special_tokens: bool) -> Mapping[str, list[list[int]]]:
+        """Tokenize a list of texts; ``["input_ids"]`` holds one id list per text."""
+        ...
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """One prompt, ready for generation.
+
+    ``prompt_ids``: token ids of ``prompt_text`` (the text after the prompt template and chat
+    template, generation prompt included). ``answer``: the reference answer as a string, or None
+    when no ``answer_field`` is configured. ``index``: row index in the source (after ``limit``,
+    before filtering). ``uid``: the ``id_field`` value as a string, else ``str(index)``.
+    """
+
+    uid: str
+    prompt_ids: list[int]
+    prompt_text: str
+    answer: str | None
+    index: int
+
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """How many rows were read from the source, skipped (empty prompt, over the token limit), kept."""
+
+    rows_read: int
+    dropped_empty: int
+    dropped_overlong: int
+    kept: int
+
+
+class PromptDataset(Sequence[PromptExample]):
+    """The kept prompts of one source, in source order; ``stats`` says what was dropped."""
+
+    def __init__(self, examples: Sequence[PromptExample], stats: DatasetStats, source: str) -> None:
+        self._examples = tuple(examples)
+        self.stats = stats
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> PromptExample:  # type: ignore[override]
+        return self._examples[index]
+
+    def __repr__(self) -> str:
+        return f"PromptDataset(source={self.source!r}, {self.stats})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def get_field(row: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` in ``row``: an exact key first, else a dotted path (``a.b.c``) into
+    nested mappings. Raises ``KeyError`` naming the first missing part and the keys available there."""
+    if path in row:
+        return row[path]
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            available = sorted(value) if isinstance(value, Mapping) else f"a {type(value).__name__}, not a record"
+            raise KeyError(f"field {path!r}: no {part!r} (available: {available})")
+        value = value[part]
+    return value
+
+
+def read_rows(cfg: DataConfig) -> list[Row]:
+    """The raw rows of ``cfg.path`` as dicts (nested fields as dicts/lists), the first ``cfg.limit``
+    of them when a limit is set. Raises ``DataError`` for a missing path, an unknown extension, or a
+    file or dataset that cannot be read."""
+    fmt, target = _resolve_source(cfg)
+    if fmt == "jsonl":
+        rows = _read_jsonl(Path(target), cfg.limit)
+    elif fmt == "json":
+        rows = _read_json(Path(target))
+    elif fmt == "parquet":
+        rows = _read_parquet(Path(target), cfg.limit)
+    else:
+        rows = _read_hf(target, cfg.split, cfg.limit)
+    return rows[: cfg.limit] if cfg.limit is not None else rows
+
+
+def _resolve_source(cfg: DataConfig) -> tuple[str, str]:
+    """(format, target) with format in jsonl/json/parquet/hf; target is a file, directory or hub name."""
+    path = Path(cfg.path).expanduser()
+    if cfg.format in FILE_FORMATS.values():
+        if path.is_dir():
+            raise DataError(f"{cfg.path}: is a directory; data.format={cfg.format} reads one file (use auto or hf)")
+        if not path.is_file():
+            raise DataError(f"{cfg.path}: no such file")
+        return cfg.format, str(path)
+    if path.is_file():
+        if cfg.format == "hf":
+            raise DataError(f"{cfg.path}: is a file; data.format=hf reads a directory or a hub dataset name")
+        suffix = path.suffix.lower()
+        if suffix not in FILE_FORMATS:
+            raise DataError(
+                f"{cfg.path}: unknown extension {suffix!r} (known: {sorted(FILE_FORMATS)}); "
+                "rename the file or set data.format"
+            )
+        return FILE_FORMATS[suffix], str(path)
+    if path.is_dir():
+        return "hf", str(path)
+    if cfg.format == "hf" or (_HUB_NAME.match(cfg.path) and path.suffix.lower() not in FILE_FORMATS):
+        return "hf", cfg.path
+    raise DataError(f"{cfg.path}: no such file or directory")
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[Row]:
+    rows: list[Row] = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if limit is not None and len(rows) >= limit:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {line_no} is not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {line_no} is a JSON {type(row).__name__}, expected an object")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason})") from err
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason})") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, None)  # a .json file holding JSON lines
+    if not isinstance(data, list):
+        raise DataError(f"{path}: holds a JSON {type(data).__name__}; expected an array of objects or JSON lines")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: element {index} is a JSON {type(row).__name__}, expected an object")
+    return data
+
+
+def _read_parquet(path: Path, limit: int | None) -> list[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: cannot read as parquet ({err})") from err
+    if limit is not None:
+        table = table.slice(0, limit)
+    return table.to_pylist()
+
+
+def _read_hf(target: str, split: str, limit: int | None) -> list[Row]:
+    import datasets
+
+    path = Path(target).expanduser()
+    try:
+        if path.is_dir() and any((path / marker).exists() for marker in _SAVED_DATASET_MARKERS):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(str(path) if path.is_dir() else target, split=split)
+    except Exception as err:  # datasets raises many types (FileNotFoundError, ValueError, hub errors)
+        where = "local directory" if path.is_dir() else "not a local path; as a hub dataset"
+        raise DataError(f"{target}: cannot load with datasets ({where}): {type(err).__name__}: {err}") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{target}: no split {split!r} (available: {sorted(loaded)}); set data.split")
+        loaded = loaded[split]
+    if limit is not None:
+        loaded = loaded.select(range(min(limit, len(loaded))))
+    return loaded.to_list()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows -> prompts
+
+
+def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDataset:
+    """Read ``cfg.path`` and build one ``PromptExample`` per usable row.
+
+    A string prompt is formatted with ``cfg.prompt_template``; a list-of-messages prompt is used as
+    it is. With ``cfg.apply_chat_template``, messages ``[system?] + [user]`` are rendered by
+    ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)`` and tokenized
+    without adding special tokens again; without it, the formatted string is tokenized with the
+    tokenizer's usual special tokens (e.g. BOS). Rows whose prompt is empty are skipped; rows over
+    ``cfg.max_prompt_tokens`` tokens are skipped (``on_overlong=drop``) or raise (``error``).
+    Raises ``DataError`` on a missing field, a malformed prompt, duplicate ids, or no usable row.
+    """
+    source = cfg.path
+    if cfg.apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"tokenizer {name!r} has no chat template; set data.apply_chat_template=false to use the prompt "
+            "text as it is, or use a tokenizer with a chat template"
+        )
+    rows = read_rows(cfg)
+
+    texts: list[str] = []
+    kept_rows: list[tuple[int, str, str | None]] = []
+    seen_uids: dict[str, int] = {}
+    dropped_empty = 0
+    for index, row in enumerate(rows):
+        prompt = _required(row, cfg.prompt_field, index, source, "data.prompt_field")
+        answer = _answer(row, cfg.answer_field, index, source)
+        uid = _uid(row, cfg.id_field, index, source, seen_uids)
+        text = _render(prompt, cfg, tokenizer, index, source)
+        if text is None:
+            dropped_empty += 1
+            continue
+        texts.append(text)
+        kept_rows.append((index, uid, answer))
+
+    all_ids = _tokenize(tokenizer, texts, add_special_tokens=not cfg.apply_chat_template)
+    examples: list[PromptExample] = []
+    dropped_overlong = 0
+    for (index, uid, answer), text, ids in zip(kept_rows, texts, all_ids):
+        if len(ids) > cfg.max_prompt_tokens:
+            if cfg.on_overlong == "error":
+                raise DataError(
+                    f"{source}: row {index} has {len(ids)} prompt tokens > data.max_prompt_tokens="
+                    f"{cfg.max_prompt_tokens} (set data.on_overlong=drop to skip such rows)"
+                )
+            dropped_overlong += 1
+            continue
+        examples.append(PromptExample(uid=uid, prompt_ids=list(ids), prompt_text=text, answer=answer, index=index))
+
+    stats = DatasetStats(len(rows), dropped_empty, dropped_overlong, len(examples))
+    if not examples:
+        raise DataError(
+            f"{source}: no usable rows: read {stats.rows_read}, dropped {dropped_empty} with an empty prompt "
+            f"and {dropped_overlong} over data.max_prompt_tokens={cfg.max_prompt_tokens}"
+        )
+    return PromptDataset(examples, stats, source)
+
+
+def _required(row: Row, field: str, index: int, source: str, option: str) -> Any:
+    try:
+        return get_field(row, field)
+    except KeyError as err:
+        raise DataError(
+            f"{source}: row {index} has no {option}={field!r} ({err.args[0]}); fields in the row: {sorted(row)}"
+        ) from err
+
+
+def _answer(row: Row, field: str | None, index: int, source: str) -> str | None:
+    if field is None:
+        return None
+    value = _required(row, field, index, source, "data.answer_field")
+    if value is None:
+        raise DataError(f"{source}: row {index}: answer {field!r} is null")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(
+        f"{source}: row {index}: answer {field!r} is a {type(value).__name__}, expected a string or a number "
+        "(set data.answer_field=null if the rows carry no answer)"
+    )
+
+
+def _uid(row: Row, field: str | None, index: int, source: str, seen: dict[str, int]) -> str:
+    if field is None:
+        return str(index)
+    value = _required(row, field, index, source, "data.id_field")
+    if value is None:
+        raise DataError(f"{source}: row {index}: id {field!r} is null")
+    uid = str(value)
+    if uid in seen:
+        raise DataError(f"{source}: rows {seen[uid]} and {index} share the id {uid!r} (data.id_field={field!r})")
+    seen[uid] = index
+    return uid
+
+
+def _render(prompt: Any, cfg: DataConfig, tokenizer: PromptTokenizer, index: int, source: str) -> str | None:
+    """The prompt text to tokenize, or None when the prompt is empty."""
+    if prompt is None or isinstance(prompt, str):
+        if prompt is None or not prompt.strip():
+            return None
+        user_text = cfg.prompt_template.replace("{prompt}", prompt)
+        if not cfg.apply_chat_template:
+            return user_text
+        messages = [{"role": "user", "content": user_text}]
+    elif isinstance(prompt, list):
+        messages = _messages(prompt, index, source)
+        if not any(m["content"].strip() for m in messages):
+            return None
+        if not cfg.apply_chat_template:
+            raise DataError(
+                f"{source}: row {index}: the prompt is a list of chat messages, which needs "
+                "data.apply_chat_template=true"
+            )
+    else:
+        raise DataError(
+            f"{source}: row {index}: prompt {cfg.prompt_field!r} is a {type(prompt).__name__}, "
+            "expected a string or a list of {role, content} messages"
+        )
+    if cfg.system_prompt is not None:
+        if messages and messages[0]["role"] == "system":
+            raise DataError(
+                f"{source}: row {index} already starts with a system message; set data.system_prompt=null to keep it"
+            )
+        messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str):
+        raise DataError(f"apply_chat_template returned a {type(text).__name__}, expected text (tokenize=False)")
+    return text
+
+
+def _messages(prompt: list[Any], index: int, source: str) -> list[Message]:
+    messages: list[Message] = []
+    for position, message in enumerate(prompt):
+        if not (
+            isinstance(message, Mapping)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise DataError(
+                f"{source}: row {index}: message {position} is not a {{'role': str, 'content': str}} record: "
+                f"{message!r:.200}"
+            )
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _tokenize(tokenizer: PromptTokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        chunk = texts[start : start + _TOKENIZE_CHUNK]
+        ids.extend(list(row) for row in tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"])
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming batches
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """A batch of prompts from a ``PromptStream``: the examples, the epoch they come from, and
+    ``start``, the position of the first one in that epoch's order."""
+
+    examples: tuple[PromptExample, ...]
+    epoch: int
+    start: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[PromptExample]:
+        return iter(self.examples)
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        """Token ids per prompt, ``[batch][prompt_len_i]`` (ragged)."""
+        return [example.prompt_ids for example in self.examples]
+
+    @property
+    def answers(self) -> list[str | None]:
+        """Reference answer per prompt, ``[batch]``."""
+        return [example.answer for example in self.examples]
+
+    @property
+    def uids(self) -> list[str]:
+        """Prompt uid per prompt, ``[batch]``."""
+        return [example.uid for example in self.examples]
+
+
+class PromptStream:
+    """An endless, resumable iterator of ``PromptBatch`` over a dataset.
+
+    Epoch ``e`` visits the examples in the order ``numpy.random.default_rng((seed, e)).permutation(n)``
+    when ``shuffle`` (identity order otherwise), in consecutive batches of ``batch_size``; with
+    ``drop_last`` the final short batch of an epoch is skipped, otherwise it is yielded short.
+    Batches never span two epochs; epochs continue forever.
+
+    The cursor is ``{"epoch", "position"}``: the next batch starts at ``position`` in epoch
+    ``epoch``'s order. ``state_dict()`` after k batches, loaded into a new stream over the same
+    dataset with the same settings, makes it yield exactly the batches the first stream would have
+    yielded next (the order depends only on ``(seed, epoch)``; exact across runs with the same
+    numpy version, whose ``Generator`` streams numpy keeps stable in practice but does not promise).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[PromptExample],
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if len(dataset) == 0:
+            raise ValueError("cannot stream an empty dataset")
+        if drop_last and batch_size > len(dataset):
+            raise ValueError(
+                f"batch_size={batch_size} > {len(dataset)} examples with drop_last=True would yield no batch; "
+                "lower the batch size or use drop_last=False"
+            )
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self._epoch = 0
+        self._position = 0
+        self._order_cache: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        """The dataset indices in the order epoch ``epoch`` visits them, ``[n]``."""
+        n = len(self.dataset)
+        if not self.shuffle:
+            return list(range(n))
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            permutation = np.random.default_rng((self.seed, epoch)).permutation(n)
+            self._order_cache = (epoch, permutation.tolist())
+        return self._order_cache[1]
+
+    def __iter__(self) -> PromptStream:
+        return self
+
+    def __next__(self) -> PromptBatch:
+        self._roll_epoch()
+        order = self.order(self._epoch)
+        indices = order[self._position : self._position + self.batch_size]
+        batch = PromptBatch(tuple(self.dataset[i] for i in indices), self._epoch, self._position)
+        self._position += len(indices)
+        self._roll_epoch()
+        return batch
+
+    def _roll_epoch(self) -> None:
+        remaining = len(self.dataset) - self._position
+        if remaining <= 0 or (self.drop_last and remaining < self.batch_size):
+            self._epoch += 1
+            self._position = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The cursor: ``{"epoch": int, "position": int}`` of the next batch."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from a cursor saved by ``state_dict`` (same dataset, batch size, seed, shuffle)."""
+        if set(state) != {"epoch", "position"}:
+            raise ValueError(f"a PromptStream state has exactly the keys epoch and position, got {sorted(state)}")
+        epoch, position = state["epoch"], state["position"]
+        for name, value in (("epoch", epoch), ("position", position)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"PromptStream state {name} must be an int >= 0, got {value!r}")
+        if position > len(self.dataset):
+            raise ValueError(f"PromptStream state position {position} is past the dataset's {len(self.dataset)} rows")
+        self._epoch, self._position = int(epoch), int(position)
+        self._roll_epoch()

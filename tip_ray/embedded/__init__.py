@@ -1,0 +1,1 @@
+"""The embedded default: a small teacher and student that the project builds and ships."""

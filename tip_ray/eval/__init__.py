@@ -1,0 +1,1 @@
+"""Held-out evaluation: generate, grade, report."""
