@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losses_for_rows
 from tip_ray.tip.select import Direction, Scope, token_weights
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.tip.stats import DEFAULT_TA_K, STAT_NAMES, TokenStats, stats_for_rows, validate_student_inputs
+from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, stats_for_rows, validate_student_inputs, work_dtype
 
 DEFAULT_LEAN_CHUNK_ROWS = 512
 
@@ -73,19 +73,14 @@ def token_stats_from_hidden(
     ids, t_ids, t_lp, t_samp = (
         response_ids[mask], teacher.topk_ids[mask], teacher.topk_logprobs[mask], teacher.sampled_logprobs[mask]
     )
-    parts = []
+    chunks = []
     for i in range(0, rows.shape[0], chunk_rows):
         logits = F.linear(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias)
-        parts.append(
+        chunks.append(
             stats_for_rows(logits, ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
                            t_samp[i : i + chunk_rows], ta_k)
         )
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    flat = {
-        name: torch.cat([p[name] for p in parts]) if parts else torch.zeros(0, dtype=dtype, device=mask.device)
-        for name in STAT_NAMES
-    }
-    return TokenStats.from_flat(flat, response_ids, mask, vocab)
+    return TokenStats.from_chunks(chunks, response_ids, mask, vocab, work_dtype(hidden.dtype))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

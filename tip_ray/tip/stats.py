@@ -73,6 +73,18 @@ class TokenStats:
         return {name: getattr(self, name)[self.mask] for name in STAT_NAMES}
 
     @classmethod
+    def from_chunks(
+        cls, chunks: list[dict[str, torch.Tensor]], token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int,
+        dtype: torch.dtype,
+    ) -> TokenStats:
+        """Join the per-chunk outputs of ``stats_for_rows`` (in row order) into [B, T] statistics."""
+        flat = {
+            name: torch.cat([c[name] for c in chunks]) if chunks else torch.zeros(0, dtype=dtype, device=mask.device)
+            for name in STAT_NAMES
+        }
+        return cls.from_flat(flat, token_ids, mask, vocab_size)
+
+    @classmethod
     def from_flat(
         cls, values: dict[str, torch.Tensor], token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int
     ) -> TokenStats:
@@ -221,14 +233,9 @@ def compute_token_stats(
         teacher.topk_logprobs[mask],
         teacher.sampled_logprobs[mask],
     )
-    parts = [
+    chunks = [
         stats_for_rows(rows[i : i + chunk_rows], ids[i : i + chunk_rows], t_ids[i : i + chunk_rows],
                        t_lp[i : i + chunk_rows], t_samp[i : i + chunk_rows], ta_k)
         for i in range(0, rows.shape[0], chunk_rows)
     ]
-    dtype = work_dtype(student_logits.dtype)
-    flat = {
-        name: torch.cat([part[name] for part in parts]) if parts else torch.zeros(0, dtype=dtype, device=mask.device)
-        for name in STAT_NAMES
-    }
-    return TokenStats.from_flat(flat, response_ids, mask, vocab)
+    return TokenStats.from_chunks(chunks, response_ids, mask, vocab, work_dtype(student_logits.dtype))
