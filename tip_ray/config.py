@@ -8,7 +8,8 @@ never rewrites a setting. Importing this module imports nothing heavy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "hf")
 ON_OVERLONG = ("drop", "error")
@@ -125,3 +126,120 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="base_eval", node=EvalConfig)
     store.store(group="data", name="base_data", node=DataConfig)
+
+
+SELECTION_SCOPES = ("global", "rank", "micro_batch", "sequence")
+ZERO_STAGES = (1, 2, 3)
+LEARNER_DTYPES = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class SelectionConfig:
+    """Which tokens the learner trains on (TIP_SPEC section 4).
+
+    ``rule``/``ratio`` (None: the rule's default)/``direction`` as in ``tip_ray.tip.select_tokens``;
+    ``params`` are the rule's parameters. ``scope``: ``global`` selects over the whole step's
+    batch across every learner rank (the budget B is global), ``rank`` over each rank's share,
+    ``micro_batch`` over each micro-batch, ``sequence`` within each sequence.
+    """
+
+    rule: str = "soft_or"
+    ratio: float | None = None
+    direction: str = "top"
+    scope: str = "global"
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from tip_ray.tip.select import get_rule
+
+        rule = get_rule(self.rule)  # raises, listing the known rules
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"selection.ratio must be in (0, 1] or null (the rule's default), got {self.ratio}")
+        if self.direction not in ("top", "bottom"):
+            raise ValueError(f"selection.direction must be 'top' or 'bottom', got {self.direction!r}")
+        if self.direction == "bottom" and rule.kind != "ranked":
+            raise ValueError(f"selection.direction=bottom needs a ranked rule; {self.rule!r} is {rule.kind}")
+        if self.scope not in SELECTION_SCOPES:
+            raise ValueError(f"selection.scope must be one of {SELECTION_SCOPES}, got {self.scope!r}")
+        unknown = sorted(set(self.params) - set(rule.defaults) - {"min_per_sequence"})
+        if unknown:
+            raise ValueError(f"selection.params {unknown} are not parameters of {self.rule!r}; "
+                             f"allowed: {sorted(rule.defaults)}")
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective on the kept tokens (TIP_SPEC section 5)."""
+
+    kind: str = "rkl"
+    beta: float = 0.5
+    normalization: str = "kept"
+
+    def __post_init__(self) -> None:
+        from tip_ray.tip.losses import check_loss_options
+
+        try:
+            check_loss_options(self.kind, self.beta, self.normalization)
+        except ValueError as exc:
+            raise ValueError(f"loss: {exc}") from None
+
+
+@dataclass
+class LearnerConfig:
+    """The DeepSpeed ZeRO learner group.
+
+    ``global_batch_size`` sequences make one optimizer step, split evenly over ``world_size``
+    ranks and into micro-batches of ``micro_batch_size`` (gradient accumulation in between).
+    """
+
+    model: str
+    world_size: int = 1
+    zero_stage: int = 2
+    dtype: str = "fp32"
+    optimizer: str = "adamw"
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    chunk_rows: int = 512
+    ta_k: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.zero_stage in ZERO_STAGES, f"learner.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}"),
+            (self.dtype in LEARNER_DTYPES, f"learner.dtype must be one of {LEARNER_DTYPES}, got {self.dtype!r}"),
+            (self.optimizer in OPTIMIZERS, f"learner.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"learner.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"),
+            (self.lr > 0, f"learner.lr must be > 0, got {self.lr}"),
+            (self.world_size >= 1, f"learner.world_size must be >= 1, got {self.world_size}"),
+            (self.micro_batch_size >= 1, f"learner.micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+            (self.global_batch_size % (self.world_size * self.micro_batch_size) == 0 and self.global_batch_size > 0,
+             f"learner.global_batch_size ({self.global_batch_size}) must be a positive multiple of "
+             f"learner.world_size * learner.micro_batch_size ({self.world_size} * {self.micro_batch_size})"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"learner.betas must be two numbers in [0, 1), got {self.betas}"),
+            (self.grad_clip >= 0, f"learner.grad_clip must be >= 0 (0 = off), got {self.grad_clip}"),
+            (0 <= self.warmup_steps <= self.total_steps,
+             f"learner.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}"),
+            (0 <= self.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.chunk_rows >= 1, f"learner.chunk_rows must be >= 1, got {self.chunk_rows}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def grad_accumulation_steps(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        return self.global_batch_size // (self.world_size * self.micro_batch_size)

@@ -1,0 +1,120 @@
+"""The DeepSpeed learner on 2 gloo ranks: global budget, ZeRO-1/2/3 agreement, loss scaling.
+
+Each case spawns real ranks (torch.multiprocessing) that build a LearnerWorker on a tiny Qwen3
+saved to disk, and write what they saw to files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
+from tip_ray.tip import TeacherSignal, budget_for
+from tip_ray.types import TrainBatch
+
+pytestmark = pytest.mark.slow
+GLOBAL_BATCH = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tip_ray.data.tokenizer import build_char_tokenizer
+    from tip_ray.embedded.models import ModelShape, build_model
+
+    path = tmp_path_factory.mktemp("tiny") / "student"
+    shape = ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=128)
+    build_model(shape, build_char_tokenizer(), seed=0).save_pretrained(str(path))
+    return str(path)
+
+
+def make_global_batch(seed: int = 0, length: int = 24) -> TrainBatch:
+    """Right-padded prompt+response rows with ragged response lengths and a full teacher."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (GLOBAL_BATCH, length), generator=g)
+    attention = torch.ones_like(ids)
+    loss_mask = torch.zeros(GLOBAL_BATCH, length - 1, dtype=torch.bool)
+    for row in range(GLOBAL_BATCH):
+        end = length - 3 * row
+        attention[row, end:] = 0
+        ids[row, end:] = 0
+        loss_mask[row, 5 : end - 1] = True
+    teacher = TeacherSignal.from_logits(torch.randn(GLOBAL_BATCH, length - 1, 128, generator=g) * 2, ids[:, 1:], None)
+    return TrainBatch(ids, attention, loss_mask, teacher)
+
+
+def _rank_main(rank, world, port, out_dir, model, stage, selection, steps, optimizer):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from tip_ray.learner.worker import LearnerWorker
+
+    cfg = LearnerConfig(model=model, world_size=world, zero_stage=stage, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3,
+                        global_batch_size=GLOBAL_BATCH, micro_batch_size=1, grad_clip=0.0, chunk_rows=7)
+    worker = LearnerWorker(cfg, SelectionConfig(**selection), LossConfig())
+    per_rank = GLOBAL_BATCH // world
+    batch = make_global_batch().rows(rank * per_rank, (rank + 1) * per_rank)
+    metrics = []
+    for _ in range(steps):
+        metrics.append(worker.forward_backward(batch))
+        worker.optim_step()
+    weights = worker.export_weights()
+    torch.save({"metrics": metrics, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def run_group(tmp_path, model, world, stage, selection, steps=1, optimizer="sgd"):
+    out = tmp_path / f"w{world}z{stage}{selection['rule']}{steps}{optimizer}"
+    out.mkdir()
+    mp.spawn(_rank_main, args=(world, _free_port(), str(out), model, stage, selection, steps, optimizer),
+             nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+SOFT_OR = {"rule": "soft_or", "ratio": 0.3}
+
+
+@pytest.fixture(scope="module")
+def single_rank(tiny_model, tmp_path_factory):
+    return run_group(tmp_path_factory.mktemp("single"), tiny_model, 1, 2, SOFT_OR)[0]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_select_the_global_budget_and_match_one_rank(stage, tiny_model, single_rank, tmp_path):
+    results = run_group(tmp_path, tiny_model, 2, stage, SOFT_OR)
+    valid = int(make_global_batch().loss_mask.sum())
+    for r in results:
+        m = r["metrics"][0]
+        assert m.valid_tokens == valid
+        assert m.kept_tokens == budget_for(0.3, valid), "the budget is global, not per rank"
+        assert math.isclose(m.loss, single_rank["metrics"][0].loss, rel_tol=1e-5)
+    # SGD is linear in the gradient: equal weights mean the loss scaling over ranks and
+    # micro-batches gives exactly the global kept-token mean's gradient.
+    for name, value in single_rank["weights"].items():
+        torch.testing.assert_close(results[0]["weights"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[1]["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_falls_over_steps(tiny_model, tmp_path):
+    results = run_group(tmp_path, tiny_model, 2, 2, {"rule": "all"}, steps=4, optimizer="adamw")
+    losses = [m.loss for m in results[0]["metrics"]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    shares = results[0]["metrics"][-1].quadrant_shares
+    assert abs(sum(shares.values()) - 1.0) < 1e-6
+
+
+def test_rank_scope_budgets_each_rank(tiny_model, tmp_path):
+    results = run_group(tmp_path, tiny_model, 2, 1, {"rule": "entropy_topk", "ratio": 0.25, "scope": "rank"})
+    batch = make_global_batch()
+    expected = sum(budget_for(0.25, int(batch.rows(2 * r, 2 * r + 2).loss_mask.sum())) for r in range(2))
+    assert results[0]["metrics"][0].kept_tokens == expected

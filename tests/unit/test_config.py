@@ -1,0 +1,59 @@
+"""Config schemas reject bad values with the key's name, and compose under Hydra."""
+
+from __future__ import annotations
+
+import pytest
+
+from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"zero_stage": 4}, "learner.zero_stage must be one of"),
+        ({"dtype": "fp16"}, "learner.dtype must be one of"),
+        ({"lr": 0}, "learner.lr must be > 0"),
+        ({"global_batch_size": 6, "world_size": 2, "micro_batch_size": 2}, "must be a positive multiple"),
+        ({"betas": [0.9]}, "learner.betas"),
+        ({"warmup_steps": 5, "total_steps": 2}, "learner.warmup_steps"),
+        ({"lr_schedule": "linear"}, "learner.lr_schedule"),
+    ],
+)
+def test_learner_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LearnerConfig(model="m", **kwargs)
+
+
+def test_learner_accumulation_steps():
+    assert LearnerConfig(model="m", world_size=2, global_batch_size=16, micro_batch_size=2).grad_accumulation_steps == 4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rule": "sofort"}, "unknown selection rule 'sofort'"),
+        ({"ratio": 1.5}, r"selection.ratio must be in \(0, 1\]"),
+        ({"scope": "node"}, "selection.scope must be one of"),
+        ({"rule": "random", "direction": "bottom"}, "needs a ranked rule"),
+        ({"params": {"alpha": 2.0}}, r"selection.params \['alpha'\] are not parameters of 'soft_or'"),
+    ],
+)
+def test_selection_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SelectionConfig(**kwargs)
+
+
+def test_loss_config_errors():
+    with pytest.raises(ValueError, match="loss: unknown loss 'kl'"):
+        LossConfig(kind="kl")
+    with pytest.raises(ValueError, match="loss: normalization"):
+        LossConfig(normalization="tokens")
+
+
+def test_structured_configs_round_trip_through_omegaconf():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(SelectionConfig(rule="entropy_sample", params={"alpha": 2.0}))
+    assert OmegaConf.to_object(cfg) == SelectionConfig(rule="entropy_sample", params={"alpha": 2.0})
+    learner = OmegaConf.to_object(OmegaConf.structured(LearnerConfig(model="m")))
+    assert isinstance(learner, LearnerConfig) and learner.betas == [0.9, 0.999]

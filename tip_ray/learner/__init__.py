@@ -1,0 +1,1 @@
+"""The learner group: DeepSpeed ZeRO ranks that train on the selected tokens."""

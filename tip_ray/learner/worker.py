@@ -1,0 +1,273 @@
+"""The learner rank: a DeepSpeed ZeRO engine that trains the student on the selected tokens.
+
+A plain class (the Ray actor is a thin shell around it), one per rank of a torch.distributed
+group whose rendezvous is in the environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE).
+
+One optimizer step::
+
+    forward_backward(batch)   pass 1, no gradient: backbone -> hidden states -> per-token
+                              statistics (chunked lm_head); gather the statistics of every rank
+                              and select over the global batch (budget B is global); pass 2,
+                              with gradient: backbone -> lean kept-token loss -> backward, one
+                              micro-batch at a time (gradient accumulation)
+    optim_step()              clip, step, schedule
+    export_weights()          the full student weights (gathered from ZeRO-3 shards)
+
+Each rank's loss is its share of the global kept-token mean, scaled by the world size because
+DeepSpeed averages gradients over ranks: the step's gradient is that of the global mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
+from tip_ray.tip.lean import kept_token_loss, token_stats_from_hidden
+from tip_ray.tip.select import quadrants, select_flat
+from tip_ray.tip.stats import STAT_NAMES, TokenStats
+from tip_ray.types import TrainBatch
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    """What one learner step reports (global over ranks)."""
+
+    loss: float
+    kept_tokens: int
+    valid_tokens: int
+    kept_fraction: float
+    quadrant_shares: dict[str, float]
+    entropy_mean: float
+    entropy_kept_mean: float
+    rkl_mean: float
+    rkl_kept_mean: float
+
+
+def _gather_flat(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All-gather rows [n_r, D] of varying n_r; returns the concatenation and this rank's offset."""
+    world = dist.get_world_size()
+    count = torch.tensor([values.shape[0]], dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros(max(sizes), values.shape[1], dtype=values.dtype)
+    padded[: values.shape[0]] = values
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    rank = dist.get_rank()
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[:rank])
+
+
+class _HiddenStates(torch.nn.Module):
+    """The causal LM seen by DeepSpeed: its forward stops at the final hidden states.
+
+    DeepSpeed's engine must run every forward (ZeRO-3 loses accumulated gradients when
+    submodules are called around it); the lm_head is applied by the lean loss instead.
+    """
+
+    def __init__(self, causal_lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = causal_lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class LearnerWorker:
+    """One rank of the learner group (see the module docstring)."""
+
+    def __init__(self, learner: LearnerConfig, selection: SelectionConfig, loss: LossConfig) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.selection, self.loss_cfg = learner, selection, loss
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+        if dist.get_world_size() != learner.world_size:
+            raise ValueError(f"learner.world_size is {learner.world_size} but the process group has "
+                             f"{dist.get_world_size()} ranks")
+        torch.manual_seed(learner.seed)
+        dtype = torch.bfloat16 if learner.dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(learner.model, dtype=dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if learner.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=learner.lr, betas=tuple(learner.betas),
+                                          weight_decay=learner.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=learner.lr, weight_decay=learner.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+            "gradient_accumulation_steps": learner.grad_accumulation_steps,
+            "gradient_clipping": learner.grad_clip,
+            "zero_optimization": {"stage": learner.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": learner.dtype == "bf16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=_HiddenStates(model), optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        self.steps = 0
+
+    def _lr_factor(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # -------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lm_head(self):
+        """The lm_head's weight and bias, gathered from the shards under ZeRO-3."""
+        head = self.engine.module.lm.get_output_embeddings()
+        tensors = [t for t in (head.weight, getattr(head, "bias", None)) if t is not None]
+        if self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+                yield head.weight, getattr(head, "bias", None)
+        else:
+            yield head.weight, getattr(head, "bias", None)
+
+    def _hidden(self, batch: TrainBatch) -> torch.Tensor:
+        """Final hidden states [B, L-1, H] of the positions that predict the next token."""
+        return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[:, :-1]
+
+    def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
+        per_rank = self.cfg.global_batch_size // self.cfg.world_size
+        if batch.size != per_rank:
+            raise ValueError(f"a learner rank takes global_batch_size / world_size = {per_rank} sequences, "
+                             f"got {batch.size}")
+        size = self.cfg.micro_batch_size
+        return [batch.rows(i, i + size) for i in range(0, batch.size, size)]
+
+    @torch.no_grad()
+    def _statistics(self, micro: list[TrainBatch]) -> list[TokenStats]:
+        stats = []
+        for mb in micro:
+            hidden = self._hidden(mb)
+            with self._lm_head() as (weight, bias):
+                stats.append(token_stats_from_hidden(
+                    hidden.float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
+                    lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
+                    chunk_rows=self.cfg.chunk_rows))
+        return stats
+
+    def _select(
+        self, micro: list[TrainBatch], stats: list[TokenStats]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Loss weights [B_mb, L-1] per micro-batch, the global statistics table [m, D] and this
+        rank's flat weights [m_r] (in table order)."""
+        sel = self.selection
+        rank, world = dist.get_rank(), dist.get_world_size()
+        per_rank = self.cfg.global_batch_size // world
+        columns, seq_offset = [], rank * per_rank
+        for i, (mb, st) in enumerate(zip(micro, stats)):
+            rows = torch.arange(mb.size).unsqueeze(-1).expand_as(st.mask)[st.mask] + seq_offset + i * mb.size
+            columns.append(torch.stack([getattr(st, n)[st.mask].double() for n in STAT_NAMES]
+                                       + [st.token_ids[st.mask].double(), rows.double(), torch.full_like(rows, i).double()], 1))
+        local = torch.cat(columns) if columns else torch.zeros(0, len(STAT_NAMES) + 3, dtype=torch.float64)
+        everything, offset = _gather_flat(local)
+        generator = torch.Generator().manual_seed(sel.seed * 1_000_003 + self.steps)
+
+        def choose(table: torch.Tensor) -> torch.Tensor:
+            values = {n: table[:, j].float() for j, n in enumerate(STAT_NAMES)}
+            return select_flat(values, table[:, len(STAT_NAMES)].long(), table[:, len(STAT_NAMES) + 1].long(),
+                               sel.rule, sel.ratio, generator, direction=sel.direction,
+                               scope="sequence" if sel.scope == "sequence" else "batch", **sel.params)
+
+        if sel.scope in ("global", "sequence"):
+            weights_flat = choose(everything)[offset : offset + local.shape[0]]
+        elif sel.scope == "rank":
+            weights_flat = choose(local)
+        else:  # micro_batch
+            parts = [choose(local[local[:, -1] == i]) for i in range(len(micro))]
+            weights_flat = torch.cat(parts) if parts else torch.zeros(0)
+
+        per_micro, start = [], 0
+        for st in stats:
+            n = int(st.mask.sum())
+            w = torch.zeros(st.mask.shape, dtype=torch.float32)
+            w[st.mask] = weights_flat[start : start + n].float()
+            per_micro.append(w)
+            start += n
+        return per_micro, everything, weights_flat
+
+    def forward_backward(self, batch: TrainBatch) -> StepMetrics:
+        """Statistics, global selection, and the kept-token loss's backward for this rank's batch."""
+        micro = self._micro_batches(batch)
+        stats = self._statistics(micro)
+        weights, table, local_weights = self._select(micro, stats)
+        world = dist.get_world_size()
+
+        totals = torch.tensor([sum(float(w.sum()) for w in weights), float(sum(int(st.mask.sum()) for st in stats)),
+                               float(sum(int((w != 0).sum()) for w in weights))], dtype=torch.float64)
+        dist.all_reduce(totals)
+        denominator = float(totals[0] if self.loss_cfg.normalization == "kept" else totals[1])
+
+        loss_sum = 0.0
+        for i, (mb, w) in enumerate(zip(micro, weights)):
+            hidden = self._hidden(mb)
+            with self._lm_head() as (weight, bias):
+                loss = kept_token_loss(
+                    hidden, weight, mb.teacher, mb.targets, w.to(hidden.dtype), mb.loss_mask, lm_head_bias=bias,
+                    kind=self.loss_cfg.kind, beta=self.loss_cfg.beta, normalization=self.loss_cfg.normalization,
+                    denominator=denominator, chunk_rows=self.cfg.chunk_rows,
+                )
+                # DeepSpeed averages gradients over ranks; the world-size factor undoes it.
+                self.engine.backward(loss * world, scale_wrt_gas=False)
+            loss_sum += float(loss.detach())
+            if i < len(micro) - 1:
+                self.engine.step()  # accumulation only: DeepSpeed steps at the boundary
+        total = torch.tensor([loss_sum], dtype=torch.float64)
+        dist.all_reduce(total)
+        global_weights, _ = _gather_flat(local_weights.double().unsqueeze(-1))
+        return self._metrics(float(total), table, global_weights[:, 0] != 0, totals)
+
+    @staticmethod
+    def _metrics(loss: float, table: torch.Tensor, kept_mask: torch.Tensor, totals: torch.Tensor) -> StepMetrics:
+        entropy = table[:, STAT_NAMES.index("entropy")]
+        rkl = table[:, STAT_NAMES.index("rkl")]
+        values = {n: table[:, j].float().unsqueeze(0) for j, n in enumerate(STAT_NAMES)}
+        flat_stats = TokenStats(**values, token_ids=table[:, len(STAT_NAMES)].long().unsqueeze(0),
+                                mask=torch.ones(1, table.shape[0], dtype=torch.bool), vocab_size=0)
+
+        def mean(x: torch.Tensor) -> float:
+            return float(x.mean()) if x.numel() else 0.0
+
+        valid, kept = int(totals[1]), int(totals[2])
+        return StepMetrics(loss=loss, kept_tokens=kept, valid_tokens=valid, kept_fraction=kept / max(1, valid),
+                           quadrant_shares=quadrants(flat_stats).shares, entropy_mean=mean(entropy),
+                           entropy_kept_mean=mean(entropy[kept_mask]), rkl_mean=mean(rkl),
+                           rkl_kept_mean=mean(rkl[kept_mask]))
+
+    def optim_step(self) -> dict[str, float]:
+        """Apply the accumulated gradient (clipping, optimizer, schedule); returns lr and grad norm."""
+        self.engine.step()
+        self.steps += 1
+        norm = self.engine.get_global_grad_norm()
+        return {"lr": float(self.engine.get_lr()[0]), "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The full student state dict on CPU (gathered from ZeRO-3 shards), on every rank."""
+        module = self.engine.module.lm
+        if self.cfg.zero_stage != 3:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        import deepspeed
+
+        out = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                out[name] = param.detach().cpu().clone()
+        return out

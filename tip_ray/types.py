@@ -1,0 +1,52 @@
+"""Typed, frozen records that travel between the pools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tip_ray.tip.signal import TeacherSignal
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Sequences for one learner rank: prompt + response, right-padded.
+
+    ``input_ids``/``attention_mask`` [B, L]; ``loss_mask`` [B, L-1] is True where position t
+    predicts a response token ``input_ids[:, t+1]``; ``teacher`` is aligned with those L-1
+    positions ([B, L-1, K]). ``policy_version`` is the weight version that sampled the responses.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    teacher: TeacherSignal
+    policy_version: int = 0
+
+    def __post_init__(self) -> None:
+        b, length = self.input_ids.shape
+        if tuple(self.attention_mask.shape) != (b, length):
+            raise ValueError(f"attention_mask must be [B, L] = {(b, length)}, got {tuple(self.attention_mask.shape)}")
+        if tuple(self.loss_mask.shape) != (b, length - 1) or self.loss_mask.dtype != torch.bool:
+            raise ValueError(f"loss_mask must be bool [B, L-1] = {(b, length - 1)}, got "
+                             f"{self.loss_mask.dtype} {tuple(self.loss_mask.shape)}")
+
+    @property
+    def size(self) -> int:
+        """Number of sequences."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The token each position predicts [B, L-1]; -100 off the loss mask."""
+        return self.input_ids[:, 1:].masked_fill(~self.loss_mask, -100)
+
+    def rows(self, start: int, stop: int) -> TrainBatch:
+        """The sequences [start, stop) as a batch of their own."""
+        t = self.teacher
+        return TrainBatch(
+            self.input_ids[start:stop], self.attention_mask[start:stop], self.loss_mask[start:stop],
+            TeacherSignal(t.topk_ids[start:stop], t.topk_logprobs[start:stop], t.sampled_logprobs[start:stop]),
+            self.policy_version,
+        )
