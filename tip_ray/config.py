@@ -243,3 +243,76 @@ class LearnerConfig:
     def grad_accumulation_steps(self) -> int:
         """Micro-batches per rank per optimizer step."""
         return self.global_batch_size // (self.world_size * self.micro_batch_size)
+
+
+TEACHER_BACKENDS = ("hf",)
+VALUE_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher scoring pool: one forward pass per (prompt, response), top-K log-probs out.
+
+    ``top_k`` is the number of teacher tokens sent per position (the vocabulary size, or null,
+    for the exact full distribution); ``values_dtype`` is how the log-probs travel. Scoring
+    always uses temperature 1, whatever the rollout temperature.
+    """
+
+    model: str
+    backend: str = "hf"
+    top_k: int | None = 32
+    values_dtype: str = "fp32"
+    micro_batch_size: int = 8
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.backend not in TEACHER_BACKENDS:
+            raise ValueError(f"teacher.backend must be one of {TEACHER_BACKENDS}, got {self.backend!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"teacher.top_k must be >= 1 or null (full distribution), got {self.top_k}")
+        if self.values_dtype not in VALUE_DTYPES:
+            raise ValueError(f"teacher.values_dtype must be one of {VALUE_DTYPES}, got {self.values_dtype!r}")
+        if self.micro_batch_size < 1 or self.num_workers < 1:
+            raise ValueError("teacher.micro_batch_size and teacher.num_workers must be >= 1")
+
+
+ROLLOUT_ENGINES = ("vllm", "hf")
+
+
+@dataclass
+class RolloutConfig:
+    """The rollout pool: student samples for each prompt.
+
+    ``engine`` ``vllm`` (production; the CPU build here) or ``hf`` (transformers ``generate``).
+    ``n`` samples per prompt at ``temperature``/``top_p``, at most ``max_new_tokens`` each.
+    """
+
+    engine: str = "vllm"
+    num_workers: int = 1
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    max_model_len: int = 2048
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.engine in ROLLOUT_ENGINES, f"rollout.engine must be one of {ROLLOUT_ENGINES}, got {self.engine!r}"),
+            (self.num_workers >= 1, f"rollout.num_workers must be >= 1, got {self.num_workers}"),
+            (self.n >= 1, f"rollout.n must be >= 1, got {self.n}"),
+            (self.temperature > 0, f"rollout.temperature must be > 0 (on-policy sampling), got {self.temperature}"),
+            (0 < self.top_p <= 1, f"rollout.top_p must be in (0, 1], got {self.top_p}"),
+            (self.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (self.max_model_len > self.max_new_tokens,
+             f"rollout.max_model_len ({self.max_model_len}) must exceed rollout.max_new_tokens ({self.max_new_tokens})"),
+            (self.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),
+            (0 < self.gpu_memory_utilization <= 1,
+             f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

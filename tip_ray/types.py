@@ -10,6 +10,42 @@ from tip_ray.tip.signal import TeacherSignal
 
 
 @dataclass(frozen=True)
+class Generation:
+    """One response: ids, the sampled tokens' log-probs, and ``stop`` or ``length``."""
+
+    prompt_index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Student samples: the prompts' ids, one ``Generation`` per sample (its ``prompt_index``
+    into ``prompt_ids``, token ids, sampled-token log-probs, finish reason) and the policy
+    version of the weights that sampled them."""
+
+    prompt_ids: tuple[tuple[int, ...], ...]
+    generations: tuple[Generation, ...]
+    policy_version: int
+
+    def to_sequences(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded prompt + response per sample: input_ids, attention_mask [N, L] and the
+        loss mask [N, L-1] (True where a position predicts a response token)."""
+        rows = [list(self.prompt_ids[g.prompt_index]) + list(g.token_ids) for g in self.generations]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+        for i, (row, g) in enumerate(zip(rows, self.generations)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention[i, : len(row)] = 1
+            prompt_len = len(self.prompt_ids[g.prompt_index])
+            loss_mask[i, prompt_len - 1 : len(row) - 1] = True
+        return input_ids, attention, loss_mask
+
+
+@dataclass(frozen=True)
 class TrainBatch:
     """Sequences for one learner rank: prompt + response, right-padded.
 

@@ -14,7 +14,8 @@ from tip_ray.data.prompts import load_prompt_dataset
 from tip_ray.data.tasks import make_splits, write_jsonl
 from tip_ray.data.tokenizer import build_char_tokenizer
 from tip_ray.eval.evaluator import evaluate, write_samples
-from tip_ray.rollout.hf import Generation, SamplingSettings
+from tip_ray.rollout.hf import SamplingSettings
+from tip_ray.types import Generation
 
 
 class ScriptedEngine:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tip_ray.types import Generation
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -32,16 +34,6 @@ class SamplingSettings:
             raise ValueError(f"n must be >= 1, got {self.n}")
 
 
-@dataclass(frozen=True)
-class Generation:
-    """One response: ids, the sampled tokens' log-probs, and ``stop`` or ``length``."""
-
-    prompt_index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-
-
 class HFGenerator:
     """Batched generation from a ``transformers`` causal LM (left padding, KV cache)."""
 
@@ -60,6 +52,11 @@ class HFGenerator:
         elif config_eos:
             ids.update(config_eos)
         return sorted(i for i in ids if i is not None)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Load a full set of Hugging Face-named weights into the model (strict)."""
+        self.model.load_state_dict(named_tensors, strict=True)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Generation]:

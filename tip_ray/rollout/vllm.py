@@ -1,0 +1,70 @@
+"""Generation with vLLM: the production rollout engine (the CPU build on machines without a GPU).
+
+Weights are updated in place through the worker extension, and the prefix cache is reset so
+that no key/value computed with old weights is reused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tip_ray.rollout.hf import SamplingSettings
+from tip_ray.types import Generation
+
+
+class VLLMEngine:
+    """An in-process ``vllm.LLM`` behind the engine interface ``generate`` / ``update_weights``."""
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        enforce_eager: bool = True,
+    ) -> None:
+        # In-process engine core: weights and requests stay in this actor's process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=model,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            worker_extension_cls="tip_ray.rollout.vllm_extension.WeightUpdateExtension",
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Generation]:
+        """``sampling.n`` generations per prompt, prompt by prompt, with sampled-token log-probs."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=sampling.seed,
+            logprobs=0,
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        generations = []
+        for index, request in enumerate(outputs):
+            for completion in request.outputs:
+                ids = list(completion.token_ids)
+                logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], ids)]
+                finish = "stop" if completion.finish_reason == "stop" else "length"
+                generations.append(Generation(index, ids, logprobs, finish))
+        return generations
+
+    def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Load the learner's full weights (Hugging Face names) into the running engine."""
+        self.llm.collective_rpc("tip_ray_load_weights", args=(list(named_tensors.items()),))
+        self.llm.reset_prefix_cache()

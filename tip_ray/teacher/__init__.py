@@ -1,0 +1,1 @@
+"""The teacher scoring pool: top-K log-probs for every response position."""
