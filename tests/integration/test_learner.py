@@ -69,7 +69,7 @@ def _rank_main(rank, world, port, out_dir, model, stage, selection, steps, optim
     for _ in range(steps):
         metrics.append(worker.forward_backward(batch))
         worker.optim_step()
-    weights = worker.export_weights()
+    weights = worker.export_weights(all_ranks=True)
     torch.save({"metrics": metrics, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -259,15 +259,18 @@ class LearnerWorker:
         return {"lr": float(self.engine.get_lr()[0]), "grad_norm": float(norm) if norm is not None else float("nan")}
 
     @torch.no_grad()
-    def export_weights(self) -> dict[str, torch.Tensor]:
-        """The full student state dict on CPU (gathered from ZeRO-3 shards), on every rank."""
+    def export_weights(self, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+        """The full student state dict on CPU, Hugging Face names; every rank must call it
+        (ZeRO-3 gathers the shards collectively). Empty on ranks other than 0 unless ``all_ranks``."""
         module = self.engine.module.lm
+        keep = all_ranks or dist.get_rank() == 0
         if self.cfg.zero_stage != 3:
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if keep else {}
         import deepspeed
 
         out = {}
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                out[name] = param.detach().cpu().clone()
+                if keep:
+                    out[name] = param.detach().cpu().clone()
         return out
