@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements/lock-cpu.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/tip-ray prepare-demo
-	$(PY) bench/lean_loss_memory.py --preset demo
+	$(VENV)/bin/tip-ray train
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

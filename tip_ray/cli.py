@@ -84,6 +84,49 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """On-policy distillation with token selection (Hydra overrides as arguments)."""
+    from tip_ray.checkpoints import CheckpointError
+    from tip_ray.data.prompts import DataError
+    from tip_ray.groups import ResourceError
+    from tip_ray.trainer import Trainer
+
+    cfg = compose("train", args.overrides)
+    try:
+        trainer = Trainer(cfg)
+    except (CheckpointError, DataError, ResourceError) as exc:
+        import ray
+
+        ray.shutdown()
+        raise SystemExit(f"tip-ray train: {exc}") from None
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    table = Table(title="tip_ray run")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("student accuracy before", pct(summary.accuracy_before))
+    table.add_row("student accuracy after", pct(summary.accuracy_after))
+    table.add_row("tokens kept", pct(summary.kept_fraction))
+    table.add_row("throughput (response tokens/s)", f"{summary.tokens_per_second:.1f}")
+    for phase, seconds in summary.phase_seconds.items():
+        table.add_row(f"{phase} s/step", f"{seconds:.2f}")
+    table.add_row("run directory (metrics.jsonl, config.json, wandb/)", str(summary.run_dir))
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="tip-ray", description=tip_ray.__doc__)
@@ -99,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="evaluate a checkpoint on held-out prompts (Hydra overrides: key=value)")
     ev.add_argument("overrides", nargs="*", help="e.g. model=runs/embedded/teacher data=math500 data.path=...")
     ev.set_defaults(run=_eval)
+    tr = commands.add_parser("train", help="on-policy distillation with token selection (Hydra overrides)")
+    tr.add_argument("overrides", nargs="*", help="e.g. selection.rule=entropy_topk learner.zero_stage=3")
+    tr.set_defaults(run=_train)
     return parser
 
 

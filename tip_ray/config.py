@@ -126,6 +126,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="base_eval", node=EvalConfig)
     store.store(group="data", name="base_data", node=DataConfig)
+    store.store(name="base_train", node=TrainConfig)
 
 
 SELECTION_SCOPES = ("global", "rank", "micro_batch", "sequence")
@@ -316,3 +317,96 @@ class RolloutConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the pools run and what each actor asks for.
+
+    ``address`` null starts a local Ray instance with ``num_cpus`` logical CPUs (null: all);
+    ``auto`` or ``ray://host:port`` joins a running cluster. Per pool: CPUs and GPUs per actor.
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    rollout_cpus: float = 1.0
+    rollout_gpus: float = 0.0
+    teacher_cpus: float = 1.0
+    teacher_gpus: float = 0.0
+    learner_cpus: float = 1.0
+    learner_gpus: float = 0.0
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        for name in ("rollout_cpus", "rollout_gpus", "teacher_cpus", "teacher_gpus", "learner_cpus", "learner_gpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"cluster.{name} must be >= 0, got {getattr(self, name)}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: how many steps, how many prompts per step, when to sync and evaluate."""
+
+    steps: int = 100
+    prompts_per_step: int = 8
+    sync_every: int = 1
+    eval_every: int = 0
+    eval_max_new_tokens: int = 256
+    output_dir: str = "runs/train"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "sync_every", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"trainer.eval_every must be >= 0 (0 = only before and after), got {self.eval_every}")
+
+
+@dataclass
+class LoggerConfig:
+    """Tracking: a JSONL of every step's metrics always; W&B when ``wandb`` (offline without a key)."""
+
+    wandb: bool = True
+    project: str = "tip_ray"
+    run_name: str | None = None
+    mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "offline", "online", "disabled"):
+            raise ValueError(f"logger.mode must be auto, offline, online or disabled, got {self.mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    """``tip-ray train``: every component's config, validated together before anything starts."""
+
+    student: str
+    teacher: TeacherConfig
+    data: DataConfig
+    eval_data: DataConfig | None = None
+    grader: str = "exact"
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(model="${student}"))
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        from tip_ray.data.grading import GRADERS
+
+        if self.grader not in GRADERS:
+            raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
+        if self.learner.model != self.student:
+            raise ValueError(f"learner.model ({self.learner.model}) must be the student ({self.student})")
+        samples = self.trainer.prompts_per_step * self.rollout.n
+        if samples != self.learner.global_batch_size:
+            raise ValueError(
+                f"trainer.prompts_per_step * rollout.n = {samples} sequences per step, but "
+                f"learner.global_batch_size = {self.learner.global_batch_size}; make them equal"
+            )

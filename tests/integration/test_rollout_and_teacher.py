@@ -44,7 +44,8 @@ def reference_logprobs(model, rollouts):
 def test_rollout_logprobs_match_the_weights_before_and_after_a_sync(engine, tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
-    cfg = RolloutConfig(engine=engine, n=2, max_new_tokens=6, max_model_len=64, dtype="float32")
+    cfg = RolloutConfig(engine=engine, n=2, max_new_tokens=6, max_model_len=64, dtype="float32",
+                        gpu_memory_utilization=0.05)
     worker = RolloutWorker(cfg, tiny_checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
 

@@ -20,7 +20,9 @@ DeepSpeed averages gradients over ranks: the step's gradient is that of the glob
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,7 @@ class StepMetrics:
     entropy_kept_mean: float
     rkl_mean: float
     rkl_kept_mean: float
+    peak_memory_bytes: int = 0
 
 
 def _gather_flat(values: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -61,6 +64,18 @@ def _gather_flat(values: torch.Tensor) -> tuple[torch.Tensor, int]:
     dist.all_gather(gathered, padded)
     rank = dist.get_rank()
     return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[:rank])
+
+
+def _peak_memory_bytes() -> int:
+    """Peak memory of this step on the accelerator (CUDA), or the process's peak RSS on CPU;
+    the maximum over ranks."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    value = torch.tensor([float(peak)], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
 
 
 class _HiddenStates(torch.nn.Module):
@@ -205,6 +220,8 @@ class LearnerWorker:
 
     def forward_backward(self, batch: TrainBatch) -> StepMetrics:
         """Statistics, global selection, and the kept-token loss's backward for this rank's batch."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         micro = self._micro_batches(batch)
         stats = self._statistics(micro)
         weights, table, local_weights = self._select(micro, stats)
@@ -232,7 +249,8 @@ class LearnerWorker:
         total = torch.tensor([loss_sum], dtype=torch.float64)
         dist.all_reduce(total)
         global_weights, _ = _gather_flat(local_weights.double().unsqueeze(-1))
-        return self._metrics(float(total), table, global_weights[:, 0] != 0, totals)
+        metrics = self._metrics(float(total), table, global_weights[:, 0] != 0, totals)
+        return dataclasses.replace(metrics, peak_memory_bytes=_peak_memory_bytes())
 
     @staticmethod
     def _metrics(loss: float, table: torch.Tensor, kept_mask: torch.Tensor, totals: torch.Tensor) -> StepMetrics:
