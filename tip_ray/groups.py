@@ -114,6 +114,9 @@ class LearnerActor:
     def export_weights(self):
         return self.worker.export_weights()
 
+    def close(self) -> None:
+        self.worker.close()
+
 
 class RolloutActor:
     """One rollout engine."""
@@ -168,6 +171,10 @@ class LearnerGroup:
         metrics = ray.get([a.forward_backward.remote(s) for a, s in zip(self.actors, shards)])
         stepped = ray.get([a.optim_step.remote() for a in self.actors])
         return metrics, stepped[0]
+
+    def close(self) -> None:
+        """Tear the process group down on every rank."""
+        ray.get([a.close.remote() for a in self.actors])
 
     def export_weights_ref(self):
         """An object ref to the full weights, put once by rank 0 (every rank joins the gather)."""

@@ -244,4 +244,5 @@ class Trainer:
         import ray
 
         self.tracker.close()
+        self.learner.close()
         ray.shutdown()

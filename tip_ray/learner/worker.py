@@ -292,3 +292,9 @@ class LearnerWorker:
                 if keep:
                     out[name] = param.detach().cpu().clone()
         return out
+
+    def close(self) -> None:
+        """Leave the process group cleanly (every rank together); the worker is unusable after."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
