@@ -11,6 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+
+def _raise_first_failure(checks: tuple[tuple[bool, str], ...]) -> None:
+    """Raise ValueError with the message of the first (condition, message) whose condition is False."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
 DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "hf")
 ON_OVERLONG = ("drop", "error")
 
@@ -236,9 +244,7 @@ class LearnerConfig:
             (0 <= self.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.chunk_rows >= 1, f"learner.chunk_rows must be >= 1, got {self.chunk_rows}"),
         )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _raise_first_failure(checks)
 
     @property
     def grad_accumulation_steps(self) -> int:
@@ -314,9 +320,7 @@ class RolloutConfig:
             (0 < self.gpu_memory_utilization <= 1,
              f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
         )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        _raise_first_failure(checks)
 
 
 @dataclass
