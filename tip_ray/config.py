@@ -361,8 +361,16 @@ class TrainerConfig:
     eval_max_new_tokens: int = 256
     output_dir: str = "runs/train"
     seed: int = 0
+    mode: str = "sync"
+    max_staleness: int = 1
 
     def __post_init__(self) -> None:
+        if self.mode not in ("sync", "overlap"):
+            raise ValueError(f"trainer.mode must be 'sync' or 'overlap', got {self.mode!r}")
+        needed = self.sync_every - 1 + (1 if self.mode == "overlap" else 0)
+        if self.max_staleness < needed:
+            raise ValueError(f"trainer.max_staleness={self.max_staleness} is below the staleness that "
+                             f"trainer.mode={self.mode} with sync_every={self.sync_every} produces ({needed})")
         for name in ("steps", "prompts_per_step", "sync_every", "eval_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")

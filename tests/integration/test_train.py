@@ -68,3 +68,14 @@ def test_pools_larger_than_the_cluster_fail_before_any_actor_starts(tmp_path, da
 def test_inconsistent_batch_sizes_are_a_config_error(tmp_path, data):
     result = train(tmp_path, data, "learner.global_batch_size=16")
     assert result.returncode != 0 and "make them equal" in result.stderr
+
+
+def test_one_step_overlap_trains_on_samples_one_update_old(tmp_path, data):
+    result = train(tmp_path, data, "trainer.mode=overlap", "trainer.steps=3", "logger.wandb=false",
+                   "selection.rule=all")
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["staleness"] for r in steps] == [0, 1, 1]
+    assert [r["weight_version"] for r in steps] == [1, 2, 3]
+    assert all(r["kept_fraction"] == 1.0 for r in steps)

@@ -57,3 +57,13 @@ def test_structured_configs_round_trip_through_omegaconf():
     assert OmegaConf.to_object(cfg) == SelectionConfig(rule="entropy_sample", params={"alpha": 2.0})
     learner = OmegaConf.to_object(OmegaConf.structured(LearnerConfig(model="m")))
     assert isinstance(learner, LearnerConfig) and learner.betas == [0.9, 0.999]
+
+
+def test_trainer_staleness_bound_must_allow_the_mode():
+    from tip_ray.config import TrainerConfig
+
+    TrainerConfig(mode="overlap", max_staleness=1)
+    with pytest.raises(ValueError, match="trainer.max_staleness=0 is below"):
+        TrainerConfig(mode="overlap", max_staleness=0)
+    with pytest.raises(ValueError, match="trainer.mode must be"):
+        TrainerConfig(mode="async")
