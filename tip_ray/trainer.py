@@ -240,7 +240,7 @@ class Trainer:
         cfg = self.cfg.trainer
         before = self.evaluate()
         self.tracker.log(0, {"eval/accuracy": before} if before is not None else {})
-        kept, tokens, seconds = [], 0, 0.0
+        kept, tokens = [], 0
         phases: dict[str, float] = {}
         launched = self._launch_rollouts()
         for step in range(1, cfg.steps + 1):
