@@ -86,6 +86,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """On-policy distillation with token selection (Hydra overrides as arguments)."""
+    import ray
+
     from tip_ray.checkpoints import CheckpointError
     from tip_ray.data.prompts import DataError
     from tip_ray.groups import ResourceError
@@ -94,17 +96,33 @@ def _train(args: argparse.Namespace) -> int:
     cfg = compose("train", args.overrides)
     try:
         trainer = Trainer(cfg)
-    except (CheckpointError, DataError, ResourceError) as exc:
-        import ray
-
+    except (CheckpointError, DataError, ResourceError, ValueError) as exc:
         ray.shutdown()
         raise SystemExit(f"tip-ray train: {exc}") from None
+    except ray.exceptions.RayError as exc:
+        ray.shutdown()
+        raise SystemExit(f"tip-ray train: an actor failed while starting: {_describe(exc)}") from None
     try:
         summary = trainer.fit()
+    except ray.exceptions.RayError as exc:
+        raise SystemExit(f"tip-ray train: {_describe(exc)}\nThe cluster was shut down; the newest checkpoint "
+                         f"(if any) is under {trainer.store.root}: the same command resumes from it.") from None
     finally:
         trainer.close()
     _print_summary(summary)
     return 0
+
+
+def _describe(exc: BaseException) -> str:
+    """One paragraph naming the actor method that failed and why (the worker's own error last)."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause
+        where = exc.function_name or "a worker"
+        return (f"{where} raised {type(cause).__name__}: {cause}\n(worker pid {exc.pid}, node {exc.ip}; "
+                f"its traceback is in the Ray logs under /tmp/ray/session_latest/logs)")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _print_summary(summary) -> None:
@@ -123,8 +141,56 @@ def _print_summary(summary) -> None:
     table.add_row("throughput (response tokens/s)", f"{summary.tokens_per_second:.1f}")
     for phase, seconds in summary.phase_seconds.items():
         table.add_row(f"{phase} s/step", f"{seconds:.2f}")
-    table.add_row("run directory (metrics.jsonl, config.json, wandb/)", str(summary.run_dir))
+    if summary.skipped_steps:
+        table.add_row("steps skipped (NaN/inf)", str(summary.skipped_steps))
+    table.add_row("run directory (metrics.jsonl, events.jsonl, config.json, wandb/)", str(summary.run_dir))
+    table.add_row("checkpoints (resume: run the same command again)", str(summary.checkpoint_dir))
+    if summary.hf_export is not None:
+        table.add_row("student, Hugging Face format", str(summary.hf_export))
     Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def _rocks(args: argparse.Namespace) -> int:
+    """Sample student rollouts on the training prompts and write the rock set of ``rock_freeze``."""
+    from tip_ray.checkpoints import CheckpointError, load_tokenizer
+    from tip_ray.data.prompts import DataError
+    from tip_ray.rocks_command import build_rocks, describe
+
+    cfg = compose("train", args.overrides)
+    try:
+        rocks = build_rocks(cfg, args.out, args.rollouts, args.num_rocks, args.drop_most_frequent)
+    except (CheckpointError, DataError) as exc:
+        raise SystemExit(f"tip-ray rocks: {exc}") from None
+    print(describe(rocks, load_tokenizer(cfg.student, "student").decode))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Run the selection-rule sweep: one ``tip-ray train`` per arm and seed, resumable."""
+    from tip_ray.sweep import arms_by_name, plan, run_sweep, train_command
+
+    try:
+        arms = arms_by_name(args.arms.split(",") if args.arms else None)
+        runs = plan(arms, args.seeds, args.root, args.overrides, args.rock_file)
+    except ValueError as exc:
+        raise SystemExit(f"tip-ray sweep: {exc}") from None
+    if args.dry_run:
+        for run in runs:
+            print(("[done] " if run.finished else "") + " ".join(train_command(run)))
+        return 0
+    outcomes = run_sweep(runs, timeout=args.timeout)
+    failed = [o.run.run_dir for o in outcomes if o.status == "failed"]
+    print(f"sweep: {len(outcomes) - len(failed)} of {len(outcomes)} runs finished" +
+          (f"; failed: {', '.join(map(str, failed))}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write the sweep's results page (markdown table and figures)."""
+    from tip_ray.report import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +211,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="on-policy distillation with token selection (Hydra overrides)")
     tr.add_argument("overrides", nargs="*", help="e.g. selection.rule=entropy_topk learner.zero_stage=3")
     tr.set_defaults(run=_train)
+    rk = commands.add_parser("rocks", help="build the rock set of rock_freeze from student rollouts (train overrides)")
+    rk.add_argument("--out", default="runs/embedded/rocks.json", help="rock file (default: runs/embedded/rocks.json)")
+    rk.add_argument("--rollouts", type=int, default=512, help="student rollouts to sample (default: 512)")
+    rk.add_argument("--num-rocks", type=int, default=100, help="rocks to keep (default: 100, the paper's)")
+    rk.add_argument("--drop-most-frequent", type=int, default=5,
+                    help="most frequent ids left out before ranking (default: 5, the paper's)")
+    rk.add_argument("overrides", nargs="*", help="training-config overrides, e.g. student=... rollout.temperature=1.0")
+    rk.set_defaults(run=_rocks)
+    sw = commands.add_parser("sweep", help="the selection-rule sweep: tip-ray train per arm and seed (resumable)")
+    sw.add_argument("--root", default="runs/sweep", help="output root: <root>/<arm>/seed<k>/ (default: runs/sweep)")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    sw.add_argument("--arms", default=None, help="comma-separated arm names (default: every arm)")
+    sw.add_argument("--rock-file", default="runs/embedded/rocks.json", help="rock file for the rock_freeze arm")
+    sw.add_argument("--timeout", type=float, default=None, help="seconds before a run is stopped (default: none)")
+    sw.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    sw.add_argument("overrides", nargs="*", help="overrides for every run, e.g. trainer.steps=100 logger.wandb=false")
+    sw.set_defaults(run=_sweep)
+    rp = commands.add_parser("report", help="write docs/results.md and its figures from a sweep's runs")
+    from tip_ray.report import add_arguments
+
+    add_arguments(rp)
+    rp.set_defaults(run=_report)
     return parser
 
 

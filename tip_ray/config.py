@@ -151,7 +151,9 @@ class SelectionConfig:
     ``rule``/``ratio`` (None: the rule's default)/``direction`` as in ``tip_ray.tip.select_tokens``;
     ``params`` are the rule's parameters. ``scope``: ``global`` selects over the whole step's
     batch across every learner rank (the budget B is global), ``rank`` over each rank's share,
-    ``micro_batch`` over each micro-batch, ``sequence`` within each sequence.
+    ``micro_batch`` over each micro-batch, ``sequence`` within each sequence. ``rock_file``
+    (rule ``rock_freeze`` only): a rock set written by ``tip-ray rocks``, whose ids the learner
+    loads as the rule's ``rock_ids``.
     """
 
     rule: str = "soft_or"
@@ -160,6 +162,7 @@ class SelectionConfig:
     scope: str = "global"
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    rock_file: str | None = None
 
     def __post_init__(self) -> None:
         from tip_ray.tip.select import get_rule
@@ -177,6 +180,13 @@ class SelectionConfig:
         if unknown:
             raise ValueError(f"selection.params {unknown} are not parameters of {self.rule!r}; "
                              f"allowed: {sorted(rule.defaults)}")
+        if self.rock_file is not None:
+            if self.rule != "rock_freeze":
+                raise ValueError(f"selection.rock_file needs selection.rule=rock_freeze, got {self.rule!r}")
+            if not self.rock_file:
+                raise ValueError("selection.rock_file must be a path to a rock file or null; got an empty string")
+            if "rock_ids" in self.params:
+                raise ValueError("selection.rock_file and selection.params.rock_ids both give the rocks; set one")
 
 
 @dataclass
@@ -252,8 +262,9 @@ class LearnerConfig:
         return self.global_batch_size // (self.world_size * self.micro_batch_size)
 
 
-TEACHER_BACKENDS = ("hf",)
+TEACHER_BACKENDS = ("hf", "vllm")
 VALUE_DTYPES = ("fp32", "fp16", "bf16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -262,7 +273,12 @@ class TeacherConfig:
 
     ``top_k`` is the number of teacher tokens sent per position (the vocabulary size, or null,
     for the exact full distribution); ``values_dtype`` is how the log-probs travel. Scoring
-    always uses temperature 1, whatever the rollout temperature.
+    always uses temperature 1, whatever the rollout temperature. ``backend`` ``hf`` runs a
+    transformers forward pass (``micro_batch_size`` sequences at a time); ``vllm`` an
+    in-process vLLM engine returning prompt log-probs, sized by ``max_model_len`` (longest
+    sequence + 1), ``gpu_memory_utilization``, ``tensor_parallel_size`` and ``max_logprobs`` (the
+    most log-probs per position it may return: ``top_k`` must not exceed it, and ``top_k`` null
+    needs a vocabulary no larger). ``dtype`` is the model's compute dtype on either backend.
     """
 
     model: str
@@ -271,16 +287,34 @@ class TeacherConfig:
     values_dtype: str = "fp32"
     micro_batch_size: int = 8
     num_workers: int = 1
+    dtype: str = "auto"
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
+    max_logprobs: int = 256
 
     def __post_init__(self) -> None:
-        if self.backend not in TEACHER_BACKENDS:
-            raise ValueError(f"teacher.backend must be one of {TEACHER_BACKENDS}, got {self.backend!r}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"teacher.top_k must be >= 1 or null (full distribution), got {self.top_k}")
-        if self.values_dtype not in VALUE_DTYPES:
-            raise ValueError(f"teacher.values_dtype must be one of {VALUE_DTYPES}, got {self.values_dtype!r}")
-        if self.micro_batch_size < 1 or self.num_workers < 1:
-            raise ValueError("teacher.micro_batch_size and teacher.num_workers must be >= 1")
+        checks = (
+            (self.backend in TEACHER_BACKENDS,
+             f"teacher.backend must be one of {TEACHER_BACKENDS}, got {self.backend!r}"),
+            (self.top_k is None or self.top_k >= 1,
+             f"teacher.top_k must be >= 1 or null (full distribution), got {self.top_k}"),
+            (self.values_dtype in VALUE_DTYPES,
+             f"teacher.values_dtype must be one of {VALUE_DTYPES}, got {self.values_dtype!r}"),
+            (self.micro_batch_size >= 1 and self.num_workers >= 1,
+             "teacher.micro_batch_size and teacher.num_workers must be >= 1"),
+            (self.dtype in MODEL_DTYPES, f"teacher.dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}"),
+            (self.max_model_len >= 2, f"teacher.max_model_len must be >= 2, got {self.max_model_len}"),
+            (0 < self.gpu_memory_utilization <= 1,
+             f"teacher.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+            (self.tensor_parallel_size >= 1,
+             f"teacher.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),
+            (self.max_logprobs >= 1, f"teacher.max_logprobs must be >= 1, got {self.max_logprobs}"),
+            (self.backend != "vllm" or self.top_k is None or self.top_k <= self.max_logprobs,
+             f"teacher.top_k ({self.top_k}) exceeds teacher.max_logprobs ({self.max_logprobs}), the most "
+             "log-probs per position the vllm backend returns; raise max_logprobs or lower top_k"),
+        )
+        _raise_first_failure(checks)
 
 
 ROLLOUT_ENGINES = ("vllm", "hf")
@@ -323,31 +357,72 @@ class RolloutConfig:
         _raise_first_failure(checks)
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class PoolPlacement:
+    """What each actor of one pool asks Ray for, and how the pool's bundles are placed.
+
+    ``resources`` are custom Ray resources per actor (e.g. ``{"teacher_node": 1}`` to pin the
+    pool to nodes started with ``--resources '{"teacher_node": 8}'``); ``strategy`` is the
+    placement group strategy of the pool (one bundle per actor).
+    """
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    strategy: str = "PACK"
+
+    def check(self, pool: str) -> None:
+        """Raise ValueError naming ``cluster.<pool>.<key>`` for a value out of range."""
+        checks = (
+            (self.cpus >= 0, f"cluster.{pool}.cpus must be >= 0, got {self.cpus}"),
+            (self.gpus >= 0, f"cluster.{pool}.gpus must be >= 0, got {self.gpus}"),
+            (self.cpus > 0 or self.gpus > 0 or bool(self.resources),
+             f"cluster.{pool} asks for no resources at all (cpus, gpus and resources are all empty)"),
+            (all(v > 0 for v in self.resources.values()),
+             f"cluster.{pool}.resources values must be > 0, got {self.resources}"),
+            (self.strategy in PLACEMENT_STRATEGIES,
+             f"cluster.{pool}.strategy must be one of {PLACEMENT_STRATEGIES}, got {self.strategy!r}"),
+        )
+        _raise_first_failure(checks)
+
+
 @dataclass
 class ClusterConfig:
     """Where the pools run and what each actor asks for.
 
-    ``address`` null starts a local Ray instance with ``num_cpus`` logical CPUs (null: all);
-    ``auto`` or ``ray://host:port`` joins a running cluster. Per pool: CPUs and GPUs per actor.
+    ``address`` null starts a local Ray instance with ``num_cpus``/``num_gpus`` (null: all the
+    machine has); ``auto`` or ``ray://host:port`` joins a running cluster. ``dashboard`` starts
+    Ray's dashboard on ``dashboard_host`` (localhost unless configured otherwise) for a local
+    instance. Each pool (``rollout``, ``teacher``, ``learner``) has its own per-actor resources
+    and placement strategy; ``placement_timeout_s`` bounds the wait for a pool to be placed.
     """
 
     address: str | None = None
     num_cpus: int | None = None
-    rollout_cpus: float = 1.0
-    rollout_gpus: float = 0.0
-    teacher_cpus: float = 1.0
-    teacher_gpus: float = 0.0
-    learner_cpus: float = 1.0
-    learner_gpus: float = 0.0
-    placement_strategy: str = "PACK"
+    num_gpus: int | None = None
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    placement_timeout_s: float = 300.0
+    rollout: PoolPlacement = field(default_factory=PoolPlacement)
+    teacher: PoolPlacement = field(default_factory=PoolPlacement)
+    learner: PoolPlacement = field(default_factory=PoolPlacement)
 
     def __post_init__(self) -> None:
-        for name in ("rollout_cpus", "rollout_gpus", "teacher_cpus", "teacher_gpus", "learner_cpus", "learner_gpus"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"cluster.{name} must be >= 0, got {getattr(self, name)}")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(f"cluster.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-                             f"got {self.placement_strategy!r}")
+        checks = (
+            (self.num_cpus is None or self.num_cpus >= 1, f"cluster.num_cpus must be >= 1 or null, got {self.num_cpus}"),
+            (self.num_gpus is None or self.num_gpus >= 0, f"cluster.num_gpus must be >= 0 or null, got {self.num_gpus}"),
+            (self.placement_timeout_s > 0,
+             f"cluster.placement_timeout_s must be > 0, got {self.placement_timeout_s}"),
+            (self.address is None or (self.num_cpus is None and self.num_gpus is None),
+             "cluster.num_cpus/num_gpus size a local Ray instance; with cluster.address set the cluster's own "
+             "resources apply: leave them null"),
+        )
+        _raise_first_failure(checks)
+        for pool in ("rollout", "teacher", "learner"):
+            getattr(self, pool).check(pool)
 
 
 @dataclass
@@ -379,6 +454,36 @@ class TrainerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints of a training run, and resuming from them.
+
+    Every ``every`` steps (0: only at the end and on a clean stop) the learner's DeepSpeed state
+    (ZeRO shards, optimizer, schedule) and the driver's state (step, weight version, data cursor,
+    W&B run id) are written atomically under ``<dir>/step_<N>`` (``dir`` null:
+    ``<trainer.output_dir>/checkpoints``); the newest ``keep_last`` are kept. A Hugging Face
+    export of the student (safetensors) goes to ``<dir>/hf/step_<N>`` every ``hf_every`` steps
+    and at the end (0: only at the end). ``resume``: ``auto`` continues from the newest complete
+    checkpoint of the run directory (or starts fresh if there is none), ``never`` starts fresh
+    and refuses a run directory that already holds checkpoints, or a checkpoint directory path.
+    """
+
+    every: int = 0
+    keep_last: int = 2
+    hf_every: int = 0
+    dir: str | None = None
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.every >= 0, f"checkpoint.every must be >= 0 (0 = only at the end), got {self.every}"),
+            (self.hf_every >= 0, f"checkpoint.hf_every must be >= 0 (0 = only at the end), got {self.hf_every}"),
+            (self.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {self.keep_last}"),
+            (bool(self.resume), "checkpoint.resume must be auto, never or a checkpoint directory; got an empty string"),
+        )
+        _raise_first_failure(checks)
+
+
+@dataclass
 class LoggerConfig:
     """Tracking: a JSONL of every step's metrics always; W&B when ``wandb`` (offline without a key)."""
 
@@ -390,6 +495,75 @@ class LoggerConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "offline", "online", "disabled"):
             raise ValueError(f"logger.mode must be auto, offline, online or disabled, got {self.mode!r}")
+
+
+ON_LEARNER_FAILURE = ("restart", "stop")
+
+
+@dataclass
+class FaultConfig:
+    """How the run survives failing actors.
+
+    Rollout and teacher actors are restarted by Ray up to ``max_actor_restarts`` times each; a
+    call that fails (the actor died) or does not answer within ``actor_timeout_s`` seconds (the
+    actor is then killed and restarted) is retried by the driver, at most ``max_step_retries``
+    times per pool call of a step, before the run stops. ``restart_timeout_s`` bounds the wait for
+    an actor to be up (built at the start, or restarted), model loading included; a restarted
+    actor that is not back in time is retired and its work moves to the other actors. ``on_learner_failure``: ``restart`` the
+    learner group from the last checkpoint or ``stop``; ``max_bad_steps``: consecutive steps with
+    a non-finite loss or gradient norm before the run stops.
+    """
+
+    max_actor_restarts: int = 3
+    max_step_retries: int = 2
+    actor_timeout_s: float = 600.0
+    restart_timeout_s: float = 1800.0
+    on_learner_failure: str = "restart"
+    max_bad_steps: int = 3
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.max_actor_restarts >= 0, f"faults.max_actor_restarts must be >= 0, got {self.max_actor_restarts}"),
+            (self.max_step_retries >= 0, f"faults.max_step_retries must be >= 0, got {self.max_step_retries}"),
+            (self.actor_timeout_s > 0, f"faults.actor_timeout_s must be > 0 seconds, got {self.actor_timeout_s}"),
+            (self.restart_timeout_s > 0,
+             f"faults.restart_timeout_s must be > 0 seconds, got {self.restart_timeout_s}"),
+            (self.on_learner_failure in ON_LEARNER_FAILURE,
+             f"faults.on_learner_failure must be one of {ON_LEARNER_FAILURE}, got {self.on_learner_failure!r}"),
+            (self.max_bad_steps >= 1, f"faults.max_bad_steps must be >= 1, got {self.max_bad_steps}"),
+        )
+        _raise_first_failure(checks)
+
+
+SYNC_TRANSPORTS = ("object_store", "collective")
+SYNC_BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class SyncConfig:
+    """How weights travel from the learner to the rollout engines (``tip_ray.sync``).
+
+    ``transport`` ``object_store`` (the full weights through Ray's object store) or
+    ``collective`` (bucketed broadcasts over a process group of learner rank 0 and every vLLM
+    worker; needs ``rollout.engine=vllm``). ``backend`` of that group: ``nccl`` (GPU), ``gloo``
+    (CPU), ``auto`` (nccl when the learner has CUDA). ``bucket_mb``: megabytes per broadcast;
+    ``timeout_s``: how long a member waits for the others before failing.
+    """
+
+    transport: str = "object_store"
+    backend: str = "auto"
+    bucket_mb: float = 256.0
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.transport in SYNC_TRANSPORTS,
+             f"sync.transport must be one of {SYNC_TRANSPORTS}, got {self.transport!r}"),
+            (self.backend in SYNC_BACKENDS, f"sync.backend must be one of {SYNC_BACKENDS}, got {self.backend!r}"),
+            (self.bucket_mb > 0, f"sync.bucket_mb must be > 0, got {self.bucket_mb}"),
+            (self.timeout_s > 0, f"sync.timeout_s must be > 0, got {self.timeout_s}"),
+        )
+        _raise_first_failure(checks)
 
 
 @dataclass
@@ -407,7 +581,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         from tip_ray.data.grading import GRADERS
@@ -416,6 +593,11 @@ class TrainConfig:
             raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
         if self.learner.model != self.student:
             raise ValueError(f"learner.model ({self.learner.model}) must be the student ({self.student})")
+        if self.checkpoint.every % self.trainer.sync_every:
+            raise ValueError(
+                f"checkpoint.every ({self.checkpoint.every}) must be a multiple of trainer.sync_every "
+                f"({self.trainer.sync_every}), so that a checkpoint's weights are the ones the rollout actors serve"
+            )
         samples = self.trainer.prompts_per_step * self.rollout.n
         if samples != self.learner.global_batch_size:
             raise ValueError(

@@ -16,7 +16,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tip_ray.config import LearnerConfig, LossConfig, RolloutConfig, SelectionConfig, TeacherConfig
+from tip_ray.config import LearnerConfig, LossConfig, PoolPlacement, RolloutConfig, SelectionConfig, TeacherConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class PoolResources:
     gpus: float = 0.0
     custom: dict[str, float] = field(default_factory=dict)
     strategy: str = "PACK"
+
+    @classmethod
+    def of(cls, name: str, num_actors: int, placement: PoolPlacement) -> PoolResources:
+        """The pool ``name`` of ``num_actors`` actors, each placed as ``placement`` (cluster config) says."""
+        return cls(name, num_actors, placement.cpus, placement.gpus, dict(placement.resources), placement.strategy)
 
     def bundle(self) -> dict[str, float]:
         """One actor's bundle."""
@@ -114,8 +119,35 @@ class LearnerActor:
     def export_weights(self):
         return self.worker.export_weights()
 
+    def save_state(self, directory: str) -> None:
+        self.worker.save_state(directory)
+
+    def load_state(self, directory: str) -> int:
+        return self.worker.load_state(directory)
+
+    def export_hf(self, directory: str) -> None:
+        self.worker.export_hf(directory)
+
     def close(self) -> None:
         self.worker.close()
+
+    def weight_metadata(self):
+        return self.worker.weight_metadata()
+
+    def host_weight_group(self, backend: str, timeout_s: float) -> tuple[str, int, str]:
+        """Host the weight group's store on this node: (address, port, resolved backend)."""
+        host = ray.util.get_node_ip_address()
+        port, backend = self.worker.host_weight_group(host, backend, timeout_s)
+        return host, port, backend
+
+    def join_weight_group(self, plan: tuple, world_size: int, backend: str, timeout_s: float) -> None:
+        self.worker.join_weight_group(plan, world_size, backend, timeout_s)
+
+    def broadcast_weights(self) -> int:
+        return self.worker.broadcast_weights()
+
+    def close_weight_group(self) -> None:
+        self.worker.close_weight_group()
 
 
 class RolloutActor:
@@ -126,8 +158,8 @@ class RolloutActor:
 
         self.worker = RolloutWorker(cfg, model, index)
 
-    def generate(self, prompt_ids: list[list[int]]):
-        return self.worker.generate(prompt_ids)
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, sampling=None):
+        return self.worker.generate(prompt_ids, seeds, sampling)
 
     def generate_with(self, prompt_ids: list[list[int]], sampling):
         return self.worker.engine.generate(prompt_ids, sampling)
@@ -138,6 +170,21 @@ class RolloutActor:
 
     def weight_version(self) -> int:
         return self.worker.weight_version
+
+    def weight_receivers(self) -> int:
+        return self.worker.weight_receivers()
+
+    def join_weight_group(
+        self, plan: tuple, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[int]:
+        return self.worker.join_weight_group(plan, host, port, first_rank, world_size, backend, timeout_s)
+
+    def receive_weights(self, version: int) -> int:
+        self.worker.receive_weights(version)
+        return self.worker.weight_version
+
+    def close_weight_group(self) -> None:
+        self.worker.close_weight_group()
 
 
 class TeacherActor:
@@ -155,8 +202,9 @@ class TeacherActor:
 class LearnerGroup:
     """``learner.world_size`` LearnerActors forming one torch.distributed group."""
 
-    def __init__(self, pool: PoolResources, learner: LearnerConfig, selection: SelectionConfig, loss: LossConfig):
-        self.group = reserve(pool)
+    def __init__(self, pool: PoolResources, learner: LearnerConfig, selection: SelectionConfig, loss: LossConfig,
+                 placement_timeout_s: float = 60.0):
+        self.group = reserve(pool, placement_timeout_s)
         remote = ray.remote(LearnerActor)
         self.actors = [
             remote.options(num_cpus=pool.cpus, num_gpus=pool.gpus, resources=pool.custom or None,
@@ -166,18 +214,67 @@ class LearnerGroup:
         addr, port = ray.get(self.actors[0].rendezvous_address.remote())
         ray.get([a.join.remote(addr, port, rank, pool.num_actors) for rank, a in enumerate(self.actors)])
 
-    def train_step(self, shards: list) -> tuple[list, dict[str, float]]:
-        """Forward/backward on one shard per rank (object refs or values), then one optimizer step."""
+    def train_step(self, shards: list) -> tuple[list, dict[str, float] | None]:
+        """Forward/backward on one shard per rank (object refs or values), then one optimizer step.
+
+        Returns every rank's metrics and rank 0's optimizer report, or None when the ranks skipped
+        the step together (non-finite statistics: no backward was run, no update is applied).
+        """
         metrics = ray.get([a.forward_backward.remote(s) for a, s in zip(self.actors, shards)])
+        if metrics[0].skipped:
+            return metrics, None
         stepped = ray.get([a.optim_step.remote() for a in self.actors])
         return metrics, stepped[0]
 
-    def close(self) -> None:
-        """Tear the process group down on every rank."""
-        ray.get([a.close.remote() for a in self.actors])
+    def save_state(self, directory: str) -> None:
+        """Every rank writes its part of the training state under ``directory``."""
+        ray.get([a.save_state.remote(directory) for a in self.actors])
+
+    def load_state(self, directory: str) -> int:
+        """Every rank restores its part from ``directory``; returns the learner's step count."""
+        return ray.get([a.load_state.remote(directory) for a in self.actors])[0]
+
+    def export_hf(self, directory: str) -> None:
+        """Rank 0 writes the student as a Hugging Face checkpoint (every rank joins the gather)."""
+        ray.get([a.export_hf.remote(directory) for a in self.actors])
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Tear the process group down on every rank (given ``timeout_s``: a broken group may not
+        answer), then stop the ranks and release the placement group."""
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=timeout_s)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            pass  # a dead or hung rank: killing the group below is all that is left to do
+        self.kill()
+
+    def kill(self) -> None:
+        """Stop every rank now (after a rank died, the group cannot continue) and free its resources."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.group)
 
     def export_weights_ref(self):
         """An object ref to the full weights, put once by rank 0 (every rank joins the gather)."""
         refs = [a.export_weights.remote() for a in self.actors]
         ray.get(refs[1:])
         return refs[0]
+
+    def weight_metadata(self) -> list:
+        """Rank 0's parameter metadata (``TensorMeta`` list, in broadcast order)."""
+        return ray.get(self.actors[0].weight_metadata.remote())
+
+    def host_weight_group(self, backend: str, timeout_s: float) -> tuple[str, int, str]:
+        """Rank 0 hosts the weight group's store: (address, port, resolved backend)."""
+        return ray.get(self.actors[0].host_weight_group.remote(backend, timeout_s))
+
+    def join_weight_group_refs(self, plan: tuple, world_size: int, backend: str, timeout_s: float) -> list:
+        """Start every rank's join (rank 0 as the sender); refs to wait on together with the receivers'."""
+        return [a.join_weight_group.remote(plan, world_size, backend, timeout_s) for a in self.actors]
+
+    def broadcast_weights_refs(self) -> list:
+        """Start one broadcast of the weights (every rank joins the gathers); refs to each rank's bytes sent."""
+        return [a.broadcast_weights.remote() for a in self.actors]
+
+    def close_weight_group(self) -> None:
+        """Rank 0 leaves the weight group."""
+        ray.get([a.close_weight_group.remote() for a in self.actors])

@@ -21,10 +21,13 @@ Evaluation runs on the rollout engines (greedy) and is graded in the driver.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tip_ray.checkpoint_store import step_name
 from tip_ray.config import TrainConfig
 
 
@@ -39,17 +42,49 @@ class TrainSummary:
     phase_seconds: dict[str, float]
     run_dir: Path
     steps: int
+    hf_export: Path | None = None
+    skipped_steps: int = 0
+    checkpoint_dir: Path | None = None
 
 
-def _split(items: list, parts: int) -> list[list]:
-    """Contiguous, nearly equal slices (the order of ``items`` is kept)."""
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
-    for i in range(parts):
-        stop = start + size + (1 if i < extra else 0)
-        out.append(items[start:stop])
-        start = stop
-    return out
+class LearnerFailure(RuntimeError):
+    """A learner rank died: the step in flight is lost, the group must be rebuilt."""
+
+
+class PoisonedWeights(RuntimeError):
+    """An update produced non-finite weights: they must be neither served nor saved."""
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _check_top_k(cfg: TrainConfig) -> None:
+    """``teacher.top_k`` must fit the teacher's vocabulary (read from its config, before any actor starts)."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(cfg.teacher.model).vocab_size
+    if cfg.teacher.top_k is not None and cfg.teacher.top_k > vocab:
+        raise ValueError(f"teacher.top_k = {cfg.teacher.top_k} exceeds the teacher's vocabulary ({vocab} ids, "
+                         f"{cfg.teacher.model}); use a smaller top_k or null for the full distribution")
+
+
+def _progress(total: int, done: int):
+    """The console progress bar of the loop (stderr; sparse updates when not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="tip_ray", unit="step", dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+
+
+def _progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    fields = {"loss": f"{metrics['loss']:.4f}", "kept": f"{metrics['kept_fraction']:.2f}",
+              "tok/s": f"{metrics['tokens_per_second']:.0f}", "v": str(metrics["weight_version"])}
+    if "eval/accuracy" in metrics and metrics["eval/accuracy"] is not None:
+        fields["acc"] = f"{metrics['eval/accuracy']:.3f}"
+    return fields
 
 
 class Trainer:
@@ -59,17 +94,12 @@ class Trainer:
         import ray
         from omegaconf import OmegaConf
 
+        from tip_ray.checkpoint_store import CheckpointStore
         from tip_ray.checkpoints import check_same_vocabulary, load_tokenizer, require_checkpoint
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
-        from tip_ray.groups import (
-            LearnerGroup,
-            PoolResources,
-            RolloutActor,
-            TeacherActor,
-            check_fits,
-            on_bundle,
-            reserve,
-        )
+        from tip_ray.groups import LearnerGroup, PoolResources, check_fits
+        from tip_ray.pools import RolloutPool, TeacherPool
+        from tip_ray.resume import find_resume_point
         from tip_ray.tracking import Tracker
 
         self.cfg = cfg
@@ -82,84 +112,87 @@ class Trainer:
         self.eval_data = load_prompt_dataset(cfg.eval_data, self.tokenizer) if cfg.eval_data else None
         self.stream = PromptStream(self.train_data, cfg.trainer.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle)
+        _check_top_k(cfg)
+
+        self.run_dir = Path(cfg.trainer.output_dir)
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        self.store = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.resume_point = find_resume_point(cfg.checkpoint.resume, self.store, self.run_dir, resolved)
 
         c = cfg.cluster
         pools = {
-            "rollout": PoolResources("rollout", cfg.rollout.num_workers, c.rollout_cpus, c.rollout_gpus,
-                                     strategy=c.placement_strategy),
-            "teacher": PoolResources("teacher", cfg.teacher.num_workers, c.teacher_cpus, c.teacher_gpus,
-                                     strategy=c.placement_strategy),
-            "learner": PoolResources("learner", cfg.learner.world_size, c.learner_cpus, c.learner_gpus,
-                                     strategy=c.placement_strategy),
+            "rollout": PoolResources.of("rollout", cfg.rollout.num_workers, c.rollout),
+            "teacher": PoolResources.of("teacher", cfg.teacher.num_workers, c.teacher),
+            "learner": PoolResources.of("learner", cfg.learner.world_size, c.learner),
         }
         if not ray.is_initialized():
-            ray.init(address=c.address, num_cpus=c.num_cpus, include_dashboard=False, log_to_driver=False,
+            # "local": a fresh instance of our own, never a cluster someone else started on this host.
+            ray.init(address=c.address or "local", num_cpus=c.num_cpus, num_gpus=c.num_gpus,
+                     include_dashboard=c.dashboard, dashboard_host=c.dashboard_host, log_to_driver=False,
                      runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
         check_fits(list(pools.values()), ray.cluster_resources())
 
-        self.run_dir = Path(cfg.trainer.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        (self.run_dir / "config.json").write_text(json.dumps(resolved, indent=2))
-        self.tracker = Tracker(cfg.logger, self.run_dir, resolved)
+        _write_atomically(self.run_dir / "config.json", json.dumps(resolved, indent=2))
+        point = self.resume_point
+        self.tracker = Tracker(cfg.logger, self.run_dir, resolved, resume_step=point.step if point else None,
+                               run_id=point.driver.get("wandb_run_id") if point else None)
 
-        groups = {name: reserve(pool) for name, pool in pools.items() if name != "learner"}
-        self.rollout = [
-            ray.remote(RolloutActor).options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus,
-                                             scheduling_strategy=on_bundle(groups["rollout"], i))
-            .remote(cfg.rollout, cfg.student, i)
-            for i in range(cfg.rollout.num_workers)
-        ]
-        self.teacher = [
-            ray.remote(TeacherActor).options(num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
-                                             scheduling_strategy=on_bundle(groups["teacher"], i))
-            .remote(cfg.teacher)
-            for i in range(cfg.teacher.num_workers)
-        ]
-        self.learner = LearnerGroup(pools["learner"], cfg.learner, cfg.selection, cfg.loss)
+        self._served = None  # (weights ref, version) of the weights the rollout pool serves, once synced
+        self.rollout_pool = RolloutPool(pools["rollout"], cfg.rollout, cfg.student, cfg.faults, self._served_weights,
+                                        self._on_event, c.placement_timeout_s)
+        self.teacher_pool = TeacherPool(pools["teacher"], cfg.teacher, cfg.faults, self._on_event,
+                                        c.placement_timeout_s)
+        self._learner_pool = pools["learner"]
+        self.learner = LearnerGroup(self._learner_pool, cfg.learner, cfg.selection, cfg.loss, c.placement_timeout_s)
         self.version = 0
+        self.updates = 0  # optimizer updates applied (skipped steps apply none)
+        self.start_step = 0
+        self._next_cursor = self.stream.state_dict()
+        self.learner_steps_at_version = {0: 0}  # version -> learner updates it contains (for staleness)
+        self.bad_steps = {"consecutive": 0, "total": 0}
+        self.accuracy_before: float | None = None
+        self._stop_signal: int | None = None
+        from tip_ray.sync import make_transport
+
+        self.sync = make_transport(cfg.sync, self.learner, self.rollout_pool.live_actors)  # before a resume's sync
+        if point is not None:
+            self._restore(point, fresh_rollout=True)
+            self._on_event(f"resumed from {point.path} (step {point.step}, weight version {self.version})")
 
     # -------------------------------------------------------------------------------------------
 
-    def _launch_rollouts(self) -> tuple[object, list]:
-        """Take the next prompt batch and start generating it on the rollout pool (no wait)."""
+    def _launch_rollouts(self) -> tuple[object, object]:
+        """Take the next prompt batch and start generating it on the rollout pool (no wait).
+
+        Each prompt samples with a seed from its place in the prompt stream, so a resumed run
+        draws the same samples as an uninterrupted one, whatever the number of rollout actors.
+        """
+        from tip_ray.pools import sample_seeds
+
         batch = next(self.stream)
-        shards = [s for s in _split(batch.prompt_ids, len(self.rollout)) if s]
-        return batch, [a.generate.remote(s) for a, s in zip(self.rollout, shards)]
+        seeds = sample_seeds(self.cfg.rollout.seed, batch.epoch, batch.start, len(batch))
+        return batch, self.rollout_pool.launch(batch.prompt_ids, seeds)
 
-    @staticmethod
-    def _collect_rollouts(refs: list):
-        """Wait for a launched rollout batch and join the shards (prompt indices re-based)."""
-        import ray
-
-        from tip_ray.types import RolloutBatch
-
-        results = ray.get(refs)
-        prompts, generations, offset = [], [], 0
-        for r in results:
-            prompts.extend(r.prompt_ids)
-            generations.extend(type(g)(g.prompt_index + offset, g.token_ids, g.logprobs, g.finish_reason)
-                               for g in r.generations)
-            offset += len(r.prompt_ids)
-        return RolloutBatch(tuple(prompts), tuple(generations), min(r.policy_version for r in results))
+    def _collect_rollouts(self, launch):
+        """Wait for a launched rollout batch (retrying shards of failed actors), in prompt order."""
+        return self.rollout_pool.collect(launch)
 
     def _score(self, input_ids, attention):
-        import ray
-        import torch
+        """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L]."""
+        return self.teacher_pool.score(input_ids, attention)
 
-        from tip_ray.tip.signal import TeacherSignal
-
-        rows = _split(list(range(input_ids.shape[0])), len(self.teacher))
-        refs = [a.score.remote(input_ids[r[0] : r[-1] + 1], attention[r[0] : r[-1] + 1])
-                for a, r in zip(self.teacher, rows) if r]
-        parts = ray.get(refs)
-        return TeacherSignal(torch.cat([p.topk_ids for p in parts]), torch.cat([p.topk_logprobs for p in parts]),
-                             torch.cat([p.sampled_logprobs for p in parts]))
+    def _served_weights(self) -> tuple[object, int] | None:
+        """``(weights_ref, version)`` the rollout pool serves, or None before the first sync: what a
+        restarted rollout actor is sent before it serves again. Without an object-store copy (the
+        collective transport) the learner exports one: the served weights when the learner has not
+        stepped since the last sync (always, with ``trainer.sync_every=1``)."""
+        if self._served is None and self.version > 0:
+            self._served = (self.learner.export_weights_ref(), self.version)
+        return self._served
 
     def evaluate(self) -> float | None:
         """Greedy accuracy of the served student on the eval prompts (graded in the driver)."""
-        import ray
-
         from tip_ray.data.grading import accuracy_with_ci, get_grader
         from tip_ray.rollout.hf import SamplingSettings
 
@@ -167,21 +200,21 @@ class Trainer:
             return None
         examples = [self.eval_data[i] for i in range(len(self.eval_data))]
         sampling = SamplingSettings(max_new_tokens=self.cfg.trainer.eval_max_new_tokens, temperature=0.0)
-        shards = _split(examples, len(self.rollout))
-        results = ray.get([a.generate_with.remote([e.prompt_ids for e in s], sampling)
-                           for a, s in zip(self.rollout, shards) if s])
+        generations = self.rollout_pool.generate_with([e.prompt_ids for e in examples], sampling)
         grade = get_grader(self.cfg.grader)
-        correct = []
-        for shard, gens in zip([s for s in shards if s], results):
-            for g in gens:
-                text = self.tokenizer.decode(g.token_ids, skip_special_tokens=True)
-                correct.append(bool(grade(text, shard[g.prompt_index].answer)))
+        correct = [bool(grade(self.tokenizer.decode(g.token_ids, skip_special_tokens=True),
+                              examples[g.prompt_index].answer)) for g in generations]
         return accuracy_with_ci(correct)[0]
 
     def step(self, step: int, launched: tuple[object, list]) -> tuple[dict[str, float], tuple[object, list] | None]:
         """One step on an already launched rollout batch; returns its metrics and the launch of
-        the next batch (during this step in ``overlap`` mode, after the sync in ``sync`` mode)."""
-        from tip_ray.sync import sync_weights
+        the next batch (during this step in ``overlap`` mode, after the sync in ``sync`` mode).
+
+        Raises ``LearnerFailure`` when a learner rank died and ``PoisonedWeights`` when the update
+        left non-finite weights; ``fit`` recovers from both through the last checkpoint.
+        """
+        import ray
+
         from tip_ray.types import TrainBatch
 
         last = step == self.cfg.trainer.steps
@@ -189,11 +222,12 @@ class Trainer:
         t = time.perf_counter()
         batch, refs = launched
         rollouts = self._collect_rollouts(refs)
-        staleness = (step - 1) - rollouts.policy_version  # learner updates the samples did not see
+        # learner updates the samples did not see
+        staleness = self.updates - self.learner_steps_at_version[rollouts.policy_version]
         if staleness > self.cfg.trainer.max_staleness:
             raise RuntimeError(f"step {step}: rollouts from policy version {rollouts.policy_version} are {staleness} "
                                f"updates old, above trainer.max_staleness={self.cfg.trainer.max_staleness}")
-        upcoming = self._launch_rollouts() if self.cfg.trainer.mode == "overlap" and not last else None
+        upcoming = self._launch_next() if self.cfg.trainer.mode == "overlap" and not last else None
         times["rollout"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -205,18 +239,27 @@ class Trainer:
         train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
         world = self.cfg.learner.world_size
         per_rank = train.size // world
-        metrics, stepped = self.learner.train_step([train.rows(r * per_rank, (r + 1) * per_rank)
-                                                    for r in range(world)])
+        try:
+            metrics, stepped = self.learner.train_step([train.rows(r * per_rank, (r + 1) * per_rank)
+                                                        for r in range(world)])
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerFailure(f"a learner rank died during step {step}: {exc}") from exc
         times["learner"] = time.perf_counter() - t
+        if stepped is None:
+            self._count_bad_step(step, "NaN/inf in the teacher's log-probs or the student's statistics")
+        elif not (stepped["weights_finite"] and math.isfinite(stepped["grad_norm"])):
+            raise PoisonedWeights(f"step {step}: the update left non-finite weights (grad norm {stepped['grad_norm']})")
+        else:
+            self.updates += 1
+            self.bad_steps["consecutive"] = 0
 
         t = time.perf_counter()
         sync_seconds = 0.0
-        if step % self.cfg.trainer.sync_every == 0:
-            self.version += 1
-            sync_seconds = sync_weights(self.learner, self.rollout, self.version).seconds
+        if step % self.cfg.trainer.sync_every == 0 and self.updates > self.learner_steps_at_version[self.version]:
+            sync_seconds = self._sync()
         times["sync"] = time.perf_counter() - t
         if upcoming is None and not last:
-            upcoming = self._launch_rollouts()
+            upcoming = self._launch_next()
 
         m = metrics[0]
         response_tokens = int(loss_mask.sum())
@@ -230,35 +273,179 @@ class Trainer:
             "truncated": sum(g.finish_reason == "length" for g in rollouts.generations),
             "tokens_per_second": response_tokens / sum(times.values()),
             **{f"time/{k}": v for k, v in times.items()}, "sync_seconds": sync_seconds,
-            "lr": stepped["lr"], "grad_norm": stepped["grad_norm"], "weight_version": self.version,
-            "staleness": staleness, "epoch": batch.epoch,
+            "lr": stepped["lr"] if stepped else float("nan"),
+            "grad_norm": stepped["grad_norm"] if stepped else float("nan"), "weight_version": self.version,
+            "staleness": staleness, "epoch": batch.epoch, "skipped": int(stepped is None),
+            "skipped_total": self.bad_steps["total"],
         }
         return out, upcoming
 
+    # --- weights, checkpoints, recovery ----------------------------------------------------------
+
+    def _sync(self) -> float:
+        """Serve the learner's current weights to the rollout pool as the next version; seconds taken."""
+        from tip_ray.sync import sync_weights
+
+        self.version += 1
+        self.learner_steps_at_version[self.version] = self.updates
+        report = sync_weights(self.learner, self.rollout_pool.live_actors, self.version, self.sync)
+        self._served = (report.weights_ref, self.version) if report.weights_ref is not None else None
+        return report.seconds
+
+    def _launch_next(self) -> tuple[object, list]:
+        """Launch the next prompt batch, remembering the data cursor it starts at (for checkpoints)."""
+        self._next_cursor = self.stream.state_dict()
+        return self._launch_rollouts()
+
+    def _on_event(self, message: str) -> None:
+        """A run event (restart, retry, skipped step, resume): printed and appended to events.jsonl."""
+        print(f"[tip_ray] {message}", flush=True)
+        with (self.run_dir / "events.jsonl").open("a") as f:
+            f.write(json.dumps({"time": time.time(), "event": message}) + "\n")
+
+    def _count_bad_step(self, step: int, why: str) -> None:
+        self.bad_steps["consecutive"] += 1
+        self.bad_steps["total"] += 1
+        limit = self.cfg.faults.max_bad_steps
+        self._on_event(f"step {step} skipped: {why} ({self.bad_steps['consecutive']} in a row, limit {limit})")
+        if self.bad_steps["consecutive"] >= limit:
+            raise RuntimeError(f"stopping: {self.bad_steps['consecutive']} steps in a row had NaN/inf "
+                               f"({why}); faults.max_bad_steps={limit}. The last checkpoint holds finite weights.")
+
+    def _driver_state(self, step: int) -> dict:
+        cursor = self._next_cursor if step < self.cfg.trainer.steps else self.stream.state_dict()
+        return {"step": step, "version": self.version, "updates": self.updates, "cursor": cursor,
+                "wandb_run_id": self.tracker.run_id, "bad_steps": dict(self.bad_steps),
+                "accuracy_before": self.accuracy_before, "tip_ray_version": __import__("tip_ray").__version__}
+
+    def save_checkpoint(self, step: int) -> None:
+        """Atomically write the learner's and the driver's state as the checkpoint of ``step``."""
+        tmp = self.store.begin(step)
+        self.learner.save_state(str(tmp / "learner"))
+        saved = self.store.finish(tmp, step, self._driver_state(step))
+        self._on_event(f"checkpoint {saved.path}")
+
+    def export_hf(self, step: int) -> Path:
+        """Atomically write the student as a Hugging Face checkpoint (safetensors + tokenizer)."""
+        tmp = self.store.begin(step, hf=True)
+        self.learner.export_hf(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp))
+        return self.store.finish_hf(tmp, step)
+
+    def _restore(self, point, fresh_rollout: bool) -> None:
+        """Load ``point`` into the learner group and the driver; serve its weights to the rollout pool
+        (a fresh pool serves the initial checkpoint; a live one gets the restored weights as a new version)."""
+        self.learner.load_state(str(point.learner_dir))
+        state = point.driver
+        self.start_step, self.updates = state["step"], state["updates"]
+        self.bad_steps, self.accuracy_before = dict(state["bad_steps"]), state["accuracy_before"]
+        self.stream.load_state_dict(state["cursor"])
+        if not fresh_rollout or state["version"] > 0:
+            if fresh_rollout:
+                self.version = state["version"] - 1  # _sync bumps it back to the saved version
+            self._sync()
+        self.learner_steps_at_version = {self.version: self.updates}
+
+    def _recover(self, failure: Exception) -> int:
+        """After a dead learner rank or poisoned weights: rebuild the learner group from the newest
+        checkpoint and return its step, or stop with the command that resumes the run."""
+        from tip_ray.groups import LearnerGroup
+
+        point = self.store.latest()
+        resume = f"tip-ray train {' '.join(sys.argv[2:])}".strip()
+        if self.cfg.faults.on_learner_failure == "stop" or point is None:
+            why = "faults.on_learner_failure=stop" if point is not None else "there is no checkpoint to restart from"
+            raise RuntimeError(f"{failure}; stopping ({why}). Resume with: {resume}") from failure
+        if isinstance(failure, LearnerFailure):
+            self._on_event(f"{failure}; restarting the learner group from {point.path}")
+            self.learner.kill()
+            self.learner = LearnerGroup(self._learner_pool, self.cfg.learner, self.cfg.selection, self.cfg.loss,
+                                        self.cfg.cluster.placement_timeout_s)
+        else:
+            self._on_event(f"{failure}; reloading the learner's state from {point.path}")
+        self._restore(point, fresh_rollout=False)
+        return point.step
+
+    def _is_learner(self, exc: Exception) -> bool:
+        """Whether a dead-actor error ``exc`` is about one of the learner ranks."""
+        dead = getattr(exc, "actor_id", None)
+        return dead is not None and any(a._actor_id.hex() == dead for a in self.learner.actors)
+
+    def request_stop(self, signum: int, _frame=None) -> None:
+        """Signal handler: finish the step in flight, write a checkpoint, and stop (a second signal
+        interrupts at once)."""
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+
     def fit(self) -> TrainSummary:
-        """Evaluate, run ``trainer.steps`` steps (evaluating every ``eval_every``), evaluate."""
-        cfg = self.cfg.trainer
-        before = self.evaluate()
-        self.tracker.log(0, {"eval/accuracy": before} if before is not None else {})
+        """Evaluate, run the remaining of ``trainer.steps`` (evaluating every ``eval_every``,
+        checkpointing every ``checkpoint.every``), checkpoint, export, evaluate.
+
+        A dead learner rank or an update that left NaN weights restarts the learner group from the
+        newest checkpoint (``faults.on_learner_failure``). SIGTERM/SIGINT stop after the step in
+        flight with a checkpoint."""
+        import signal
+
+        import ray
+
+        cfg, ckpt = self.cfg.trainer, self.cfg.checkpoint
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        if self.start_step == 0:
+            self.accuracy_before = self.evaluate()
+            self.tracker.log(0, {"eval/accuracy": self.accuracy_before} if self.accuracy_before is not None else {})
         kept, tokens = [], 0
         phases: dict[str, float] = {}
-        launched = self._launch_rollouts()
-        for step in range(1, cfg.steps + 1):
-            metrics, launched = self.step(step, launched)
+        step, saved_at = self.start_step, self.start_step
+        launched = self._launch_next() if step < cfg.steps else None
+        progress = _progress(cfg.steps, step)
+        while step < cfg.steps and self._stop_signal is None:
+            step += 1
+            try:
+                try:
+                    metrics, launched = self.step(step, launched)
+                    if ckpt.every and step % ckpt.every == 0 and step != cfg.steps:
+                        self.save_checkpoint(step)
+                        saved_at = step
+                    if ckpt.hf_every and step % ckpt.hf_every == 0 and step != cfg.steps:
+                        self.export_hf(step)
+                except ray.exceptions.RayActorError as exc:
+                    if not self._is_learner(exc):
+                        raise
+                    raise LearnerFailure(f"a learner rank died during step {step}: {exc}") from exc
+            except (LearnerFailure, PoisonedWeights) as failure:
+                step = saved_at = self._recover(failure)
+                progress.n = step
+                launched = self._launch_next()
+                continue
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                 metrics["eval/accuracy"] = self.evaluate()
             self.tracker.log(step, metrics)
+            progress.update(1)
+            progress.set_postfix(_progress_fields(metrics), refresh=False)
             kept.append(metrics["kept_fraction"])
             tokens += metrics["valid_tokens"]
             for k in ("rollout", "teacher", "learner", "sync"):
                 phases[k] = phases.get(k, 0.0) + metrics[f"time/{k}"]
+        progress.close()
+        if step > saved_at or (step == cfg.steps and self.store.latest() is None):
+            if step % cfg.sync_every:
+                self._sync()  # a stop between syncs: the checkpoint's weights become the served ones
+            self.save_checkpoint(step)
+        if self._stop_signal is not None and step < cfg.steps:
+            self._on_event(f"stopped by signal {self._stop_signal} after step {step}; resume with the same command")
+        elif not (self.store.root / "hf" / step_name(step)).exists():
+            self.export_hf(step)
+        export = self.store.root / "hf" / step_name(step)
+        after = self.evaluate() if step == cfg.steps else None
+        self.tracker.log(step, {"eval/accuracy": after} if after is not None else {})
         seconds = sum(phases.values())
-        after = self.evaluate()
-        self.tracker.log(cfg.steps, {"eval/accuracy": after} if after is not None else {})
-        summary = TrainSummary(before, after, sum(kept) / max(1, len(kept)), tokens / max(seconds, 1e-9),
-                               {k: v / cfg.steps for k, v in phases.items()}, self.run_dir, cfg.steps)
-        (self.run_dir / "summary.json").write_text(json.dumps({**asdict(summary), "run_dir": str(self.run_dir)},
-                                                              indent=2))
+        done = max(1, len(kept))
+        summary = TrainSummary(self.accuracy_before, after, sum(kept) / done, tokens / max(seconds, 1e-9),
+                               {k: v / done for k, v in phases.items()}, self.run_dir, step,
+                               export if export.exists() else None, self.bad_steps["total"], self.store.root)
+        _write_atomically(self.run_dir / "summary.json", json.dumps(asdict(summary), indent=2, default=str))
         return summary
 
     def close(self) -> None:
@@ -266,5 +453,8 @@ class Trainer:
         import ray
 
         self.tracker.close()
+        self.sync.close()
         self.learner.close()
+        self.rollout_pool.close()
+        self.teacher_pool.close()
         ray.shutdown()

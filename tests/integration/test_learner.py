@@ -129,3 +129,61 @@ def test_rank_scope_budgets_each_rank(tiny_model, tmp_path):
     batch = make_global_batch()
     expected = sum(budget_for(0.25, int(batch.rows(2 * r, 2 * r + 2).loss_mask.sum())) for r in range(2))
     assert results[0]["metrics"][0].kept_tokens == expected
+
+
+def _durability_rank_main(rank, world, port, out_dir, model):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from tip_ray.learner.worker import LearnerWorker, NonFiniteWeightsError
+
+    cfg = LearnerConfig(model=model, world_size=world, zero_stage=2, lr=3e-3, global_batch_size=GLOBAL_BATCH,
+                        micro_batch_size=1)
+    worker = LearnerWorker(cfg, SelectionConfig(rule="soft_or", ratio=0.5), LossConfig())
+    per_rank = GLOBAL_BATCH // world
+    batch = make_global_batch().rows(rank * per_rank, (rank + 1) * per_rank)
+    seen = {"initial": worker.export_weights(all_ranks=True)}
+    poisoned = batch
+    if rank == 1:  # NaN from the teacher on one rank only: every rank must skip together
+        values = batch.teacher.topk_logprobs.clone()
+        values[tuple(batch.loss_mask.nonzero()[0].tolist())] = float("nan")
+        poisoned = TrainBatch(batch.input_ids, batch.attention_mask, batch.loss_mask,
+                              TeacherSignal(batch.teacher.topk_ids, values, batch.teacher.sampled_logprobs))
+    seen["skipped"] = worker.forward_backward(poisoned).skipped
+    seen["after_skip"] = worker.export_weights(all_ranks=True)
+    seen["normal_skipped"] = worker.forward_backward(batch).skipped
+    worker.optim_step()
+    worker.save_state(os.path.join(out_dir, "state"))
+    seen["saved"] = worker.export_weights(all_ranks=True)
+    worker.forward_backward(batch)
+    worker.optim_step()
+    seen["moved"] = worker.export_weights(all_ranks=True)
+    seen["loaded_steps"] = worker.load_state(os.path.join(out_dir, "state"))
+    seen["loaded"] = worker.export_weights(all_ranks=True)
+    with torch.no_grad():
+        next(worker.engine.module.parameters()).view(-1)[0] = float("nan")
+    try:
+        worker.save_state(os.path.join(out_dir, "poisoned"))
+        seen["refused"] = False
+    except NonFiniteWeightsError:
+        seen["refused"] = True
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    worker.close()
+
+
+def test_nan_steps_are_skipped_by_every_rank_and_state_round_trips(tiny_model, tmp_path):
+    context = mp.start_processes(_durability_rank_main, args=(2, _free_port(), str(tmp_path), tiny_model), nprocs=2,
+                                 join=False, start_method="spawn")
+    for process in context.processes:
+        process.join(timeout=300)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.pt").exists(), f"rank {rank} failed (exit {context.processes[rank].exitcode})"
+    for rank in range(2):
+        seen = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert seen["skipped"] and not seen["normal_skipped"]
+        for name, value in seen["initial"].items():
+            assert torch.equal(seen["after_skip"][name], value), f"a skipped step changed {name}"
+            torch.testing.assert_close(seen["loaded"][name], seen["saved"][name], rtol=0, atol=0)
+        assert any(not torch.equal(seen["moved"][n], seen["saved"][n]) for n in seen["saved"])
+        assert seen["loaded_steps"] == 1
+        assert seen["refused"], "a checkpoint with NaN weights was written"
+    assert not (tmp_path / "poisoned" / "deepspeed").exists()

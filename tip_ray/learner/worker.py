@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
+from tip_ray.sync_buckets import Bucket, TensorMeta, dtype_name
 from tip_ray.tip.lean import kept_token_loss, token_stats_from_hidden
 from tip_ray.tip.select import quadrants, select_flat
 from tip_ray.tip.stats import STAT_NAMES, TokenStats
@@ -49,6 +50,7 @@ class StepMetrics:
     rkl_mean: float
     rkl_kept_mean: float
     peak_memory_bytes: int = 0
+    skipped: bool = False
 
 
 def _gather_flat(values: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -78,6 +80,22 @@ def _peak_memory_bytes() -> int:
     return int(value.item())
 
 
+def _finite_on_mask(stats: TokenStats) -> bool:
+    """Whether every statistic is finite at the valid positions of ``stats``."""
+    return all(bool(torch.isfinite(getattr(stats, n)[stats.mask]).all()) for n in STAT_NAMES)
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True only if ``ok`` holds on every rank (a collective: every rank must call it)."""
+    flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The learner's weights hold NaN or inf (they must not be saved or served)."""
+
+
 class _HiddenStates(torch.nn.Module):
     """The causal LM seen by DeepSpeed: its forward stops at the final hidden states.
 
@@ -101,6 +119,11 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.selection, self.loss_cfg = learner, selection, loss
+        self.rule_params = dict(selection.params)  # plus the rock ids of selection.rock_file, read once
+        if selection.rock_file:
+            from tip_ray.tip.rocks import load_rock_ids
+
+            self.rule_params["rock_ids"] = load_rock_ids(selection.rock_file)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
         if dist.get_world_size() != learner.world_size:
@@ -167,16 +190,25 @@ class LearnerWorker:
         return [batch.rows(i, i + size) for i in range(0, batch.size, size)]
 
     @torch.no_grad()
-    def _statistics(self, micro: list[TrainBatch]) -> list[TokenStats]:
-        stats = []
+    def _statistics(self, micro: list[TrainBatch]) -> list[TokenStats] | None:
+        """Per-token statistics of every micro-batch, or None on every rank if any rank saw NaN/inf
+        in its hidden states or teacher log-probs (every rank still runs every forward: ZeRO-3
+        gathers parameters collectively)."""
+        stats, finite = [], True
         for mb in micro:
             hidden = self._hidden(mb)
+            mask = mb.loss_mask
+            finite = finite and all(bool(torch.isfinite(t[mask]).all())
+                                    for t in (hidden, mb.teacher.topk_logprobs, mb.teacher.sampled_logprobs))
+            if not finite:
+                continue
             with self._lm_head() as (weight, bias):
                 stats.append(token_stats_from_hidden(
                     hidden.float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
                     lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
                     chunk_rows=self.cfg.chunk_rows))
-        return stats
+        finite = finite and all(_finite_on_mask(st) for st in stats)
+        return stats if _all_ranks_agree(finite) else None
 
     def _select(
         self, micro: list[TrainBatch], stats: list[TokenStats]
@@ -199,7 +231,7 @@ class LearnerWorker:
             values = {n: table[:, j].float() for j, n in enumerate(STAT_NAMES)}
             return select_flat(values, table[:, len(STAT_NAMES)].long(), table[:, len(STAT_NAMES) + 1].long(),
                                sel.rule, sel.ratio, generator, direction=sel.direction,
-                               scope="sequence" if sel.scope == "sequence" else "batch", **sel.params)
+                               scope="sequence" if sel.scope == "sequence" else "batch", **self.rule_params)
 
         if sel.scope in ("global", "sequence"):
             weights_flat = choose(everything)[offset : offset + local.shape[0]]
@@ -224,6 +256,9 @@ class LearnerWorker:
             torch.cuda.reset_peak_memory_stats()
         micro = self._micro_batches(batch)
         stats = self._statistics(micro)
+        if stats is None:
+            # NaN/inf in the student's or the teacher's numbers: no backward, no step, on any rank.
+            return self._skipped_metrics(micro)
         weights, table, local_weights = self._select(micro, stats)
         world = dist.get_world_size()
 
@@ -253,6 +288,15 @@ class LearnerWorker:
         return dataclasses.replace(metrics, peak_memory_bytes=_peak_memory_bytes())
 
     @staticmethod
+    def _skipped_metrics(micro: list[TrainBatch]) -> StepMetrics:
+        valid = torch.tensor([float(sum(int(mb.loss_mask.sum()) for mb in micro))], dtype=torch.float64)
+        dist.all_reduce(valid)
+        nan = float("nan")
+        return StepMetrics(loss=nan, kept_tokens=0, valid_tokens=int(valid), kept_fraction=0.0, quadrant_shares={},
+                           entropy_mean=nan, entropy_kept_mean=nan, rkl_mean=nan, rkl_kept_mean=nan,
+                           peak_memory_bytes=_peak_memory_bytes(), skipped=True)
+
+    @staticmethod
     def _metrics(loss: float, table: torch.Tensor, kept_mask: torch.Tensor, totals: torch.Tensor) -> StepMetrics:
         entropy = table[:, STAT_NAMES.index("entropy")]
         rkl = table[:, STAT_NAMES.index("rkl")]
@@ -274,7 +318,53 @@ class LearnerWorker:
         self.engine.step()
         self.steps += 1
         norm = self.engine.get_global_grad_norm()
-        return {"lr": float(self.engine.get_lr()[0]), "grad_norm": float(norm) if norm is not None else float("nan")}
+        return {"lr": float(self.engine.get_lr()[0]), "grad_norm": float(norm) if norm is not None else float("nan"),
+                "weights_finite": float(self.weights_finite())}
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every weight (this rank's ZeRO-3 partition, or the full copy) is finite, on all ranks."""
+        ok = True
+        for param in self.engine.module.parameters():
+            local = param.ds_tensor if hasattr(param, "ds_tensor") else param
+            if not bool(torch.isfinite(local).all()):
+                ok = False
+                break
+        return _all_ranks_agree(ok)
+
+    def save_state(self, directory: str) -> None:
+        """Write the full training state (DeepSpeed: ZeRO shards, optimizer, schedule; this rank's
+        RNG) under ``directory``; every rank calls it. Refuses non-finite weights."""
+        from safetensors.torch import save_file
+
+        if not self.weights_finite():
+            raise NonFiniteWeightsError(f"the learner's weights hold NaN/inf at step {self.steps}: not saving them")
+        self.engine.save_checkpoint(directory, tag="deepspeed", client_state={"learner_steps": self.steps},
+                                    save_latest=False)
+        save_file({"torch": torch.get_rng_state()}, f"{directory}/rng_rank{dist.get_rank()}.safetensors")
+        dist.barrier()
+
+    def load_state(self, directory: str) -> int:
+        """Restore what ``save_state`` wrote (same world size and ZeRO stage); returns the step count."""
+        from safetensors.torch import load_file
+
+        path, client = self.engine.load_checkpoint(directory, tag="deepspeed", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {directory}")
+        self.steps = int(client["learner_steps"])
+        torch.set_rng_state(load_file(f"{directory}/rng_rank{dist.get_rank()}.safetensors")["torch"])
+        return self.steps
+
+    def export_hf(self, directory: str) -> None:
+        """Write the student as a Hugging Face checkpoint (safetensors + config) to ``directory``;
+        every rank calls it (ZeRO-3 gathers), rank 0 writes."""
+        if not self.weights_finite():
+            raise NonFiniteWeightsError(f"the learner's weights hold NaN/inf at step {self.steps}: not exporting")
+        weights = self.export_weights()
+        if dist.get_rank() == 0:
+            self.engine.module.lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+        dist.barrier()
 
     @torch.no_grad()
     def export_weights(self, all_ranks: bool = False) -> dict[str, torch.Tensor]:
@@ -292,6 +382,71 @@ class LearnerWorker:
                 if keep:
                     out[name] = param.detach().cpu().clone()
         return out
+
+    # Collective weight sync (tip_ray.sync): rank 0 sends, every rank joins the ZeRO-3 gathers.
+
+    def weight_metadata(self) -> list[TensorMeta]:
+        """Name (Hugging Face), full shape and dtype of every parameter, in the order
+        ``broadcast_weights`` sends them."""
+        return [TensorMeta(name, tuple(getattr(p, "ds_shape", p.shape)), dtype_name(p.dtype))
+                for name, p in self.engine.module.lm.named_parameters()]
+
+    def host_weight_group(self, host: str, backend: str, timeout_s: float) -> tuple[int, str]:
+        """Rank 0: host the weight group's store at ``host``; returns (port, backend), ``auto``
+        resolved to ``nccl`` or ``gloo`` by whether this rank has CUDA."""
+        from tip_ray.sync_group import host_store, resolve_backend
+
+        if dist.get_rank() != 0:
+            raise RuntimeError(f"learner rank 0 hosts the weight group, not rank {dist.get_rank()}")
+        backend = resolve_backend(backend, torch.cuda.is_available())
+        self.close_weight_group()
+        self._weight_store, port = host_store(host, timeout_s)
+        return port, backend
+
+    def join_weight_group(self, plan: tuple[Bucket, ...], world_size: int, backend: str, timeout_s: float) -> None:
+        """Every rank keeps the bucket ``plan``; rank 0 joins the weight group hosted by
+        ``host_weight_group`` as its sender (blocks until all ``world_size`` members joined)."""
+        from tip_ray.sync_group import WeightGroup
+
+        self._weight_plan = tuple(plan)
+        if dist.get_rank() == 0:
+            store = getattr(self, "_weight_store", None)
+            if store is None:
+                raise RuntimeError("call host_weight_group on learner rank 0 before join_weight_group")
+            self._weight_group = WeightGroup(plan, 0, world_size, backend, timeout_s, store=store)
+
+    @torch.no_grad()
+    def broadcast_weights(self) -> int:
+        """Send the current weights to the weight group, bucket by bucket; every rank calls it
+        (ZeRO-3 gathers each bucket's shards collectively). Returns the bytes rank 0 sent (0 on
+        the other ranks)."""
+        plan = getattr(self, "_weight_plan", None)
+        if plan is None:
+            raise RuntimeError("join_weight_group must run before broadcast_weights")
+        group = getattr(self, "_weight_group", None)
+        params = dict(self.engine.module.lm.named_parameters())
+        sent = 0
+        for bucket in plan:
+            tensors = {name: params[name] for name in bucket.names}
+            with self._gathered(list(tensors.values())):
+                if group is not None:
+                    sent += group.send_bucket(bucket, {n: p.detach() for n, p in tensors.items()})
+        return sent
+
+    def _gathered(self, params: list[torch.nn.Parameter]):
+        """Full parameters inside the context: a ZeRO-3 gather (collective), else nothing to do."""
+        if self.cfg.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def close_weight_group(self) -> None:
+        """Leave the weight group and drop the store this rank hosts (if any)."""
+        group = getattr(self, "_weight_group", None)
+        if group is not None:
+            group.close()
+        self._weight_group = self._weight_store = None
 
     def close(self) -> None:
         """Leave the process group cleanly (every rank together); the worker is unusable after."""

@@ -42,19 +42,23 @@ class VLLMEngine:
             worker_extension_cls="tip_ray.rollout.vllm_extension.WeightUpdateExtension",
         )
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSettings) -> list[Generation]:
-        """``sampling.n`` generations per prompt, prompt by prompt, with sampled-token log-probs."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingSettings,
+                 seeds: list[int] | None = None) -> list[Generation]:
+        """``sampling.n`` generations per prompt, prompt by prompt, with sampled-token log-probs.
+
+        ``seeds`` [len(prompts)]: each prompt is sampled with its own seed, so its samples do not
+        depend on which other prompts share the batch; None: one ``sampling.seed`` for the call.
+        """
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=sampling.n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            seed=sampling.seed,
-            logprobs=0,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        def params(seed: int | None) -> SamplingParams:
+            return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                  max_tokens=sampling.max_new_tokens, seed=seed, logprobs=0)
+
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+        per_request = params(sampling.seed) if seeds is None else [params(seed) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_request, use_tqdm=False)
         generations = []
         for index, request in enumerate(outputs):
             for completion in request.outputs:
@@ -68,3 +72,30 @@ class VLLMEngine:
         """Load the learner's full weights (Hugging Face names) into the running engine."""
         self.llm.collective_rpc("tip_ray_load_weights", args=(list(named_tensors.items()),))
         self.llm.reset_prefix_cache()
+
+    # Collective weight sync (tip_ray.sync): every vLLM worker is one member of the weight group.
+
+    @property
+    def weight_receivers(self) -> int:
+        """Members this engine adds to the weight group: one per vLLM worker (tensor parallel rank)."""
+        return self.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+
+    def join_weight_group(
+        self, plan: tuple, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[int]:
+        """Every worker joins the weight group at ``host:port`` (ranks ``first_rank`` onwards);
+        returns the ranks taken."""
+        return self.llm.collective_rpc("tip_ray_join_weight_group",
+                                       args=(plan, host, port, first_rank, world_size, backend, timeout_s))
+
+    def receive_weights(self, load: bool = True) -> int:
+        """Take part in one weight broadcast: load the weights as they arrive (``load``) or only
+        drain them; the prefix cache is reset after a load. Returns the tensors each worker received."""
+        counts = self.llm.collective_rpc("tip_ray_receive_weights", args=(load,))
+        if load:
+            self.llm.reset_prefix_cache()
+        return counts[0]
+
+    def close_weight_group(self) -> None:
+        """Every worker leaves the weight group."""
+        self.llm.collective_rpc("tip_ray_close_weight_group")

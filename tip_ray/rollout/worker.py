@@ -6,6 +6,8 @@ the weight version that produced it, so the driver can bound and log staleness.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from tip_ray.config import RolloutConfig
@@ -41,12 +43,27 @@ class RolloutWorker:
         """The policy version of the weights being served (0: the initial checkpoint)."""
         return self._version
 
-    def generate(self, prompt_ids: list[list[int]]) -> RolloutBatch:
-        """``cfg.n`` samples per prompt with the current weights, stamped with their version."""
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None,
+                 sampling: SamplingSettings | None = None) -> RolloutBatch:
+        """``cfg.n`` samples per prompt (``prompt_ids`` [N][len_i]) with the current weights, stamped
+        with their version; ``sampling`` replaces the config's sampling (e.g. greedy for evaluation).
+
+        ``seeds`` [N], one per prompt: the vLLM engine samples each prompt with its own seed, so a
+        prompt's samples do not depend on how the prompts were sharded over actors. The hf engine
+        samples a whole call from one generator, seeded with the first prompt's seed: its samples
+        do depend on the sharding. None: one seed per call from the worker's seed and call count.
+        """
         self._calls += 1
-        sampling = SamplingSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                    top_p=self.cfg.top_p, n=self.cfg.n, seed=self._seed * 100_003 + self._calls)
-        generations = self.engine.generate(prompt_ids, sampling)
+        if seeds is not None and len(seeds) != len(prompt_ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts; give one seed per prompt")
+        if sampling is None:
+            sampling = SamplingSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+                                        top_p=self.cfg.top_p, n=self.cfg.n, seed=self._seed * 100_003 + self._calls)
+        if self.cfg.engine == "vllm":
+            generations = self.engine.generate(prompt_ids, sampling, seeds)
+        else:
+            call_seed = seeds[0] if seeds else sampling.seed
+            generations = self.engine.generate(prompt_ids, replace(sampling, seed=call_seed))
         return RolloutBatch(tuple(tuple(p) for p in prompt_ids), tuple(generations), self._version)
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> None:
@@ -55,3 +72,37 @@ class RolloutWorker:
             raise ValueError(f"weight version {version} is not newer than the served version {self._version}")
         self.engine.update_weights(named_tensors)
         self._version = version
+
+    # Collective weight sync (tip_ray.sync).
+
+    def weight_receivers(self) -> int:
+        """Members this worker adds to the weight group (its engine's tensor parallel size)."""
+        receivers = getattr(self.engine, "weight_receivers", None)
+        if receivers is None:
+            raise ValueError(f"sync.transport=collective needs rollout.engine=vllm, not {self.cfg.engine!r} "
+                             "(the hf engine takes sync.transport=object_store)")
+        return receivers
+
+    def join_weight_group(
+        self, plan: tuple, host: str, port: int, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[int]:
+        """Join the weight group at ``host:port`` with ranks ``first_rank`` onwards (see ``weight_receivers``)."""
+        self.weight_receivers()
+        return self.engine.join_weight_group(plan, host, port, first_rank, world_size, backend, timeout_s)
+
+    def receive_weights(self, version: int) -> None:
+        """Serve the weights broadcast now by learner rank 0 as policy ``version``.
+
+        A version that is not newer is refused (``ValueError``) after draining the broadcast, so
+        the group stays in step for the next sync.
+        """
+        newer = version > self._version
+        self.engine.receive_weights(load=newer)
+        if not newer:
+            raise ValueError(f"weight version {version} is not newer than the served version {self._version}")
+        self._version = version
+
+    def close_weight_group(self) -> None:
+        """Leave the weight group."""
+        if getattr(self.engine, "weight_receivers", None) is not None:
+            self.engine.close_weight_group()

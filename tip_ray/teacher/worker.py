@@ -1,8 +1,11 @@
-"""Teacher scoring: one forward pass over prompt + response, top-K log-probs per position.
+"""Teacher scoring: one pass over prompt + response, top-K log-probs per position.
 
-A plain class (the Ray actor is a thin shell around it). The payload is compact: int32 ids and
-log-probs in ``values_dtype``, as tensors, so it travels through the object store in a few
-buffers.
+A plain class (the Ray actor is a thin shell around it) over a backend (``teacher.backend``):
+``hf`` (transformers forward pass, ``tip_ray.teacher.hf``) or ``vllm`` (prompt log-probs of an
+in-process engine, ``tip_ray.teacher.vllm``). Both give the same ``TeacherSignal``: entries in
+descending log-prob with ties to the lower id, and the same placeholder at padding positions
+(``tip_ray.teacher.layout``). The payload is compact: int32 ids and log-probs in
+``values_dtype``, as tensors, so it travels through the object store in a few buffers.
 """
 
 from __future__ import annotations
@@ -10,41 +13,48 @@ from __future__ import annotations
 import torch
 
 from tip_ray.config import TeacherConfig
+from tip_ray.teacher.layout import fill_padding, order_by_logprob, target_mask
 from tip_ray.tip.signal import TeacherSignal
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class TeacherWorker:
-    """Scores sequences with a transformers causal LM at temperature 1."""
+    """Scores sequences with the teacher at temperature 1."""
 
     def __init__(self, cfg: TeacherConfig) -> None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.cfg = cfg
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.vocab_size = int(self.model.config.vocab_size)
+        self.vocab_size = int(AutoConfig.from_pretrained(cfg.model).vocab_size)
         if cfg.top_k is not None and cfg.top_k > self.vocab_size:
             raise ValueError(f"teacher.top_k = {cfg.top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
+        if cfg.backend == "vllm":
+            from tip_ray.teacher.vllm import VLLMScorer
 
-    @torch.no_grad()
+            self.backend = VLLMScorer(cfg, self.vocab_size)
+        else:
+            from tip_ray.teacher.hf import HFScorer
+
+            self.backend = HFScorer(cfg)
+
+    @property
+    def k(self) -> int:
+        """Teacher tokens sent per position (the vocabulary size when ``top_k`` is null)."""
+        return self.cfg.top_k or self.vocab_size
+
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherSignal:
         """Signal [B, L-1, K] for right-padded sequences ``input_ids``/``attention_mask`` [B, L].
 
-        Position t holds the teacher's log-probs for the token at t+1 (the student's sample).
+        Position t holds the teacher's log-probs for the token at t+1 (the student's sample);
+        positions whose token t+1 is padding hold ids 0..K-1 at log-prob -log(V).
         """
-        k = self.cfg.top_k or self.vocab_size
-        parts = []
-        for start in range(0, input_ids.shape[0], self.cfg.micro_batch_size):
-            ids = input_ids[start : start + self.cfg.micro_batch_size]
-            mask = attention_mask[start : start + self.cfg.micro_batch_size]
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            parts.append(TeacherSignal.from_logits(logits, ids[:, 1:], None if k == self.vocab_size else k,
-                                                   values_dtype=_DTYPES[self.cfg.values_dtype]))
-        return TeacherSignal(
-            torch.cat([p.topk_ids for p in parts]),
-            torch.cat([p.topk_logprobs for p in parts]),
-            torch.cat([p.sampled_logprobs for p in parts]),
-        )
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                             "must both be [B, L]")
+        scored = target_mask(attention_mask)
+        ids, values, sampled = self.backend.topk(input_ids, attention_mask, self.k)
+        ids, values = order_by_logprob(ids, values)
+        fill_padding(ids, values, sampled, scored, self.vocab_size)
+        dtype = _DTYPES[self.cfg.values_dtype]
+        return TeacherSignal(ids.to(torch.int32), values.to(dtype), sampled.to(dtype))

@@ -1,0 +1,321 @@
+"""End-to-end on-policy distillation throughput: tip_ray (rule `all`, and `soft_or` 0.5) vs TRL.
+
+Same teacher and student (the embedded pair, `tip-ray prepare-demo`), same prompts in the same
+order (the first ``steps x prompts_per_step`` prompts of tip_ray's ``PromptStream``, handed to
+TRL as text and checked to tokenize to the same ids), same prompts per optimizer step, same
+``max_new_tokens``, temperature 1, same optimizer (AdamW, constant lr, clip 1.0), same number of
+optimizer steps, reverse KL against the teacher's full distribution (tip_ray ``loss.kind=rkl`` with
+``teacher.top_k=null``; TRL ``beta=1.0``), no evaluation, no checkpointing, minimal logging.
+
+- tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed ZeRO-2
+  learner on Ray, weight sync every step), read from its ``metrics.jsonl``.
+- TRL: ``DistillationTrainer`` (on-policy: the student samples every completion with
+  ``transformers`` ``generate``; teacher and student in one process), run by
+  ``bench/trl_worker.py`` inside ``bench/.venv-trl`` (``bench/setup_trl_env.sh`` makes it), once
+  with torch's default threads (one per core) and once with one thread; the faster run is the
+  baseline of the ratios.
+
+Each run is its own process, one after the other (TRL and tip_ray alternating), on the same
+machine; the 1-minute load average before and after each run is recorded. The first
+``--warmup-steps`` steps of each run are left out of the steady-state figures (first-call costs:
+vLLM's first batch, allocator growth); start-up (Ray, actors, vLLM engine, model loading) is
+reported separately as the process wall time outside the steps. Per run: the mean step (total
+tokens / total seconds), the median step and the best (fastest) step; on a shared machine a
+busy neighbour only ever adds time, so the best step approximates an idle machine and the gap
+between mean and best shows how much interference a run took.
+
+Usage:
+    bash bench/setup_trl_env.sh                      # once: the TRL virtualenv
+    python bench/trl_comparison.py                   # 12 optimizer steps per side
+    python bench/trl_comparison.py --steps 20 --warmup-steps 3
+Prints a table and writes bench/results/trl_comparison.json (run directories under
+bench/results/trl_comparison/). Target: tip_ray with `all` >= 1.5x TRL's response tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TRL_PYTHON = ROOT / "bench" / ".venv-trl" / "bin" / "python"
+TARGET_RATIO = 1.5
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What both sides share."""
+
+    steps: int
+    warmup_steps: int
+    prompts_per_step: int
+    micro_batch_size: int
+    max_new_tokens: int
+    lr: float
+    student: str
+    teacher: str
+
+
+def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path) -> list[str]:
+    """Hydra overrides for one tip_ray run of ``setup`` (the embedded default otherwise)."""
+    return [
+        f"student={setup.student}", f"teacher.model={setup.teacher}", "teacher.top_k=null",
+        f"trainer.steps={setup.steps}", f"trainer.prompts_per_step={setup.prompts_per_step}",
+        f"learner.global_batch_size={setup.prompts_per_step}", f"learner.micro_batch_size={setup.micro_batch_size}",
+        f"learner.lr={setup.lr}", "learner.lr_schedule=constant", "learner.warmup_steps=0", "learner.grad_clip=1.0",
+        f"rollout.max_new_tokens={setup.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+        "rollout.n=1", "loss.kind=rkl", f"selection.rule={rule}", f"selection.ratio={ratio}",
+        "trainer.eval_every=0", "eval_data=null", "logger.wandb=false", f"trainer.output_dir={output_dir}",
+    ]
+
+
+def write_prompts(setup: Setup, path: Path) -> int:
+    """Write the prompts tip_ray's stream visits first (text with special tokens, and ids), in order."""
+    from tip_ray.checkpoints import load_tokenizer
+    from tip_ray.cli import compose
+    from tip_ray.data.prompts import PromptStream, load_prompt_dataset
+
+    cfg = compose("train", tip_overrides(setup, "all", 1.0, RESULTS / "unused"))
+    tokenizer = load_tokenizer(cfg.student, "student")
+    stream = PromptStream(load_prompt_dataset(cfg.data, tokenizer), cfg.trainer.prompts_per_step,
+                          seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+    rows = []
+    for _ in range(setup.steps):
+        for example in next(stream).examples:
+            rows.append({"text": tokenizer.decode(example.prompt_ids, skip_special_tokens=False),
+                         "ids": list(example.prompt_ids)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+LOAD: dict[str, tuple[float, float]] = {}
+
+
+def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+    """Run ``cmd`` from the repository root with output to ``log``; its wall seconds (raises on failure).
+
+    The 1-minute load average before and after is kept in ``LOAD[log.stem]``: the machine may be
+    shared, and a busy neighbour slows either side.
+    """
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, **env} if env else None).returncode
+    seconds = time.perf_counter() - start
+    LOAD[log.stem] = (load_before, os.getloadavg()[0])
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {code}; last lines of {log}:\n{tail}")
+    return seconds
+
+
+def run_tip(setup: Setup, name: str, rule: str, ratio: float, workdir: Path) -> dict:
+    """One ``tip-ray train`` run; per-step records from its metrics.jsonl."""
+    out = workdir / name
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
+    wall = _run([sys.executable, "-m", "tip_ray.cli", "train", *tip_overrides(setup, rule, ratio, out)],
+                workdir / f"{name}.log")
+    steps = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "loss" not in m:  # the evaluation rows (eval_data=null: empty)
+            continue
+        phases = {k: m[f"time/{k}"] for k in ("rollout", "teacher", "learner", "sync")}
+        steps.append({"step": m["step"], "seconds": sum(phases.values()), **{f"time/{k}": v for k, v in phases.items()},
+                      "response_tokens": m["valid_tokens"], "trained_tokens": m["kept_tokens"],
+                      "truncated": m["truncated"], "loss": m["loss"],
+                      "learner_peak_memory_mb": m["learner_peak_memory_mb"]})
+    return {"name": name, "wall_seconds": wall, "load_average": LOAD[name], "steps": steps}
+
+
+def run_trl(setup: Setup, prompts: Path, workdir: Path, threads: int | None) -> dict:
+    """One TRL ``DistillationTrainer`` run in bench/.venv-trl with ``threads`` torch threads (None: torch's
+    default, one per core)."""
+    name = "trl" if threads is None else f"trl-{threads}thread"
+    out = workdir / f"{name}.json"
+    wall = _run([str(TRL_PYTHON), str(ROOT / "bench" / "trl_worker.py"), "--student", setup.student,
+                 "--teacher", setup.teacher, "--prompts", str(prompts), "--steps", str(setup.steps),
+                 "--batch", str(setup.prompts_per_step), "--micro-batch", str(setup.micro_batch_size),
+                 "--max-new-tokens", str(setup.max_new_tokens), "--lr", str(setup.lr), "--out", str(out),
+                 *(["--threads", str(threads)] if threads else [])],
+                workdir / f"{name}.log", {"OMP_NUM_THREADS": str(threads)} if threads else None)
+    doc = json.loads(out.read_text())
+    for s in doc["steps"]:
+        s["trained_tokens"] = s["response_tokens"]  # TRL trains on every response token
+    return {"name": name, "wall_seconds": wall, "load_average": LOAD[name], **doc}
+
+
+def tip_startup_profile(overrides: list[str]) -> dict:
+    """In this process: the seconds of each part of a tip_ray run outside its steps.
+
+    The same calls as ``tip-ray train`` (compose, ``Trainer``, ``fit``, ``close``), each timed.
+    ``Trainer(cfg)`` starts Ray, reserves the pools and builds the learner group (DeepSpeed); the
+    rollout and teacher actors construct in the background and the first step waits for them.
+    """
+    start = time.perf_counter()
+    from tip_ray.cli import compose
+    from tip_ray.trainer import Trainer
+
+    marks = {"imports": time.perf_counter() - start}
+    t = time.perf_counter()
+    cfg = compose("train", overrides)
+    trainer = Trainer(cfg)
+    marks["trainer_init"] = time.perf_counter() - t
+    t = time.perf_counter()
+    try:
+        trainer.fit()
+        marks["fit"] = time.perf_counter() - t
+    finally:
+        t = time.perf_counter()
+        trainer.close()
+        marks["close"] = time.perf_counter() - t
+    return marks
+
+
+def run_startup_profile(setup: Setup, workdir: Path) -> dict:
+    """One extra tip_ray (`all`) run, in its own process, with its start-up split into parts."""
+    out = workdir / "tip_ray-startup-profile"
+    shutil.rmtree(out, ignore_errors=True)
+    log = workdir / "tip_ray-startup-profile.log"
+    wall = _run([sys.executable, __file__, "--startup-profile-case", json.dumps(tip_overrides(setup, "all", 1.0, out))],
+                log)
+    marks = json.loads(log.read_text().strip().splitlines()[-1])
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    seconds = [sum(m[f"time/{k}"] for k in ("rollout", "teacher", "learner", "sync")) for m in steps if "loss" in m]
+    steady = sum(seconds[setup.warmup_steps:]) / len(seconds[setup.warmup_steps:])
+    return {**marks, "process_wall": wall, "interpreter_and_rest": wall - sum(marks.values()),
+            "first_step": seconds[0], "steady_step": steady, "first_step_excess": seconds[0] - steady,
+            "fit_outside_steps": marks["fit"] - sum(seconds)}
+
+
+def summarize(run: dict, warmup: int, sequences_per_step: int) -> dict:
+    """Steady-state throughput and per-phase seconds per step over the steps after ``warmup``."""
+    steady = [s for s in run["steps"] if s["step"] > warmup]
+    seconds = sum(s["seconds"] for s in steady)
+    median = statistics.median(s["seconds"] for s in steady)
+    tokens = sum(s["response_tokens"] for s in steady) / len(steady)
+    phases = sorted({k for s in steady for k in s if k.startswith("time/")})
+    return {
+        "name": run["name"],
+        "steps_measured": len(steady),
+        "seconds_per_step": seconds / len(steady),
+        "median_seconds_per_step": median,
+        "response_tokens_per_step": tokens,
+        "median_step_response_tokens_per_second": tokens / median,
+        "best_seconds_per_step": min(s["seconds"] for s in steady),
+        "best_step_response_tokens_per_second": max(s["response_tokens"] / s["seconds"] for s in steady),
+        "response_tokens_per_second": sum(s["response_tokens"] for s in steady) / seconds,
+        "trained_tokens_per_second": sum(s["trained_tokens"] for s in steady) / seconds,
+        "phase_seconds_per_step": {k[5:]: sum(s[k] for s in steady) / len(steady) for k in phases},
+        "truncated_share": sum(s["truncated"] for s in steady) / (len(steady) * sequences_per_step),
+        "wall_seconds": run["wall_seconds"],
+        "load_average_before_after": run["load_average"],
+        "outside_steps_seconds": run["wall_seconds"] - sum(s["seconds"] for s in run["steps"]),
+    }
+
+
+def report(setup: Setup, summaries: list[dict]) -> dict:
+    """Print the table and return the JSON document (ratios to the faster TRL run, target verdict)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    trl = max((s for s in summaries if s["name"].startswith("trl")), key=lambda s: s["response_tokens_per_second"])
+    for s in summaries:
+        s["throughput_vs_trl"] = s["response_tokens_per_second"] / trl["response_tokens_per_second"]
+        for kind in ("median", "best"):
+            s[f"{kind}_throughput_vs_trl"] = (s[f"{kind}_step_response_tokens_per_second"]
+                                              / trl[f"{kind}_step_response_tokens_per_second"])
+        s["step_time_vs_trl"] = s["seconds_per_step"] / trl["seconds_per_step"]
+    table = Table(title=f"on-policy distillation, embedded pair: {setup.prompts_per_step} prompts/step, "
+                        f"max_new_tokens {setup.max_new_tokens}, steps {setup.warmup_steps + 1}-{setup.steps} measured")
+    for col in ("run", "s/step", "median", "best", "rollout", "teacher", "learner", "sync", "resp tok/step",
+                "resp tok/s", "trained tok/s", "x TRL", "x TRL median", "x TRL best", "startup+teardown s", "load 1m"):
+        table.add_column(col, justify="right")
+    for s in summaries:
+        p = s["phase_seconds_per_step"]
+        table.add_row(s["name"], f"{s['seconds_per_step']:.2f}", f"{s['median_seconds_per_step']:.2f}",
+                      f"{s['best_seconds_per_step']:.2f}",
+                      *(f"{p.get(k, 0.0):.2f}" for k in
+                      ("rollout", "teacher", "learner", "sync")),
+                      f"{s['response_tokens_per_step']:.0f}", f"{s['response_tokens_per_second']:.0f}",
+                      f"{s['trained_tokens_per_second']:.0f}", f"{s['throughput_vs_trl']:.2f}",
+                      f"{s['median_throughput_vs_trl']:.2f}", f"{s['best_throughput_vs_trl']:.2f}",
+                      f"{s['outside_steps_seconds']:.0f}",
+                      "{:.1f}/{:.1f}".format(*s["load_average_before_after"]))
+    Console(width=None if sys.stdout.isatty() else 190).print(table)
+    tip_all = next(s for s in summaries if s["name"] == "tip_ray-all")
+    verdict = tip_all["throughput_vs_trl"] >= TARGET_RATIO
+    print(f"tip_ray (all) / TRL ({trl['name']}, the faster TRL run) response tokens/s = "
+          f"{tip_all['throughput_vs_trl']:.2f} (median steps: {tip_all['median_throughput_vs_trl']:.2f}, "
+          f"best steps: {tip_all['best_throughput_vs_trl']:.2f}) "
+          f"(target >= {TARGET_RATIO}: {'ok' if verdict else 'MISSED'})")
+    return {"setup": asdict(setup), "target_ratio": TARGET_RATIO, "meets_target": verdict, "trl_baseline": trl["name"],
+            "results": summaries}
+
+
+def main() -> int:
+    """Run the cases (TRL and tip_ray alternating), print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the averages")
+    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--student", default="runs/embedded/student")
+    parser.add_argument("--teacher", default="runs/embedded/teacher")
+    parser.add_argument("--startup-profile", action="store_true",
+                        help="also run tip_ray once more with its start-up split into parts")
+    parser.add_argument("--startup-profile-case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.startup_profile_case:
+        print(json.dumps(tip_startup_profile(json.loads(args.startup_profile_case))))
+        return 0
+    if args.warmup_steps >= args.steps:
+        parser.error("--warmup-steps must be below --steps")
+    for path in (args.student, args.teacher):
+        if not (ROOT / path / "config.json").is_file():
+            raise SystemExit(f"{path} is missing: run `tip-ray prepare-demo` first")
+    if not TRL_PYTHON.is_file():
+        raise SystemExit("bench/.venv-trl is missing: run `bash bench/setup_trl_env.sh` first")
+    setup = Setup(args.steps, args.warmup_steps, args.prompts_per_step, args.micro_batch_size, args.max_new_tokens,
+                  args.lr, args.student, args.teacher)
+
+    workdir = RESULTS / "trl_comparison"
+    workdir.mkdir(parents=True, exist_ok=True)
+    prompts = workdir / "prompts.jsonl"
+    print(f"wrote {write_prompts(setup, prompts)} prompts to {prompts.relative_to(ROOT)}", file=sys.stderr)
+    runs = []
+    # TRL twice: torch's default threads (one per core) and one thread, which on a small model
+    # can be faster (no cross-thread synchronisation per tiny kernel); the faster is the baseline.
+    for name, runner in (("trl", lambda: run_trl(setup, prompts, workdir, None)),
+                         ("tip_ray-all", lambda: run_tip(setup, "tip_ray-all", "all", 1.0, workdir)),
+                         ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
+                         ("tip_ray-soft_or-0.5", lambda: run_tip(setup, "tip_ray-soft_or-0.5", "soft_or", 0.5, workdir))):
+        print(f"  running {name} ...", file=sys.stderr, flush=True)
+        runs.append(runner())
+        print(f"  {name}: {runs[-1]['wall_seconds']:.0f} s wall", file=sys.stderr, flush=True)
+    doc = report(setup, [summarize(r, setup.warmup_steps, setup.prompts_per_step) for r in runs])
+    doc["raw"] = runs
+    if args.startup_profile:
+        print("  running the tip_ray start-up profile ...", file=sys.stderr, flush=True)
+        doc["tip_ray_startup_profile"] = profile = run_startup_profile(setup, workdir)
+        print("tip_ray start-up (s): " + ", ".join(f"{k} {v:.1f}" for k, v in profile.items()))
+    out = RESULTS / "trl_comparison.json"
+    out.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0 if doc["meets_target"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The collective weight sync on a local Ray cluster: a 2-rank learner (ZeRO-2 and ZeRO-3) sends
+its weights over gloo, in several buckets, to the vLLM workers of 2 rollout actors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tip_ray.config import LearnerConfig, LossConfig, RolloutConfig, SelectionConfig, SyncConfig, TeacherConfig
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [[3, 10, 20, 30, 40], [3, 11, 12]]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from tip_ray.data.tokenizer import build_char_tokenizer
+    from tip_ray.embedded.models import ModelShape, build_model
+
+    root = tmp_path_factory.mktemp("sync")
+    tokenizer = build_char_tokenizer()
+    paths = {}
+    for name, hidden, seed in (("student", 64, 0), ("teacher", 96, 1)):
+        shape = ModelShape(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=hidden // 32,
+                           num_key_value_heads=1, intermediate_size=2 * hidden)
+        build_model(shape, tokenizer, seed=seed).save_pretrained(str(root / name))
+        tokenizer.save_pretrained(str(root / name))
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def rollout_actors(cluster, checkpoints):
+    from tip_ray.groups import RolloutActor
+
+    cfg = RolloutConfig(engine="vllm", n=2, max_new_tokens=8, max_model_len=64, dtype="float32",
+                        gpu_memory_utilization=0.05)
+    actors = [cluster.remote(RolloutActor).options(num_cpus=1).remote(cfg, checkpoints["student"], i) for i in range(2)]
+    cluster.get([a.weight_version.remote() for a in actors])
+    return actors
+
+
+def reference_logprobs(model, rollouts) -> list[list[float]]:
+    """Per sample, the log-probs a transformers forward pass with ``model`` gives the sampled tokens."""
+    out = []
+    for g in rollouts.generations:
+        prompt = list(rollouts.prompt_ids[g.prompt_index])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + g.token_ids])).logits[0].float(), -1)
+        out.append([logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(g.token_ids)])
+    return out
+
+
+def assert_actors_sample_from(ray, actors, model, version: int) -> None:
+    for actor in actors:
+        rollouts = ray.get(actor.generate.remote(PROMPTS))
+        assert rollouts.policy_version == version
+        for g, expected in zip(rollouts.generations, reference_logprobs(model, rollouts)):
+            assert g.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_collective_sync_serves_the_learners_weights(zero_stage, cluster, checkpoints, rollout_actors):
+    from transformers import AutoModelForCausalLM
+
+    from tip_ray.groups import LearnerGroup, PoolResources
+    from tip_ray.sync import make_transport, sync_weights
+    from tip_ray.teacher.worker import TeacherWorker
+    from tip_ray.types import TrainBatch
+
+    ray, actors = cluster, rollout_actors
+    learner = LearnerGroup(PoolResources("learner", 2, cpus=1),
+                           LearnerConfig(model=checkpoints["student"], world_size=2, zero_stage=zero_stage, lr=1e-2,
+                                         global_batch_size=4, micro_batch_size=1),
+                           SelectionConfig(rule="soft_or", ratio=0.5), LossConfig())
+    cfg = SyncConfig(transport="collective", backend="gloo", bucket_mb=0.02, timeout_s=60)
+    transport = make_transport(cfg, learner, actors[:1])  # formed with one actor; a sync to two re-forms it
+    try:
+        assert transport.backend == "gloo" and transport.world_size == 2 and len(transport.plan) >= 4
+
+        # One learner step on the rollout actors' samples, scored by a real teacher.
+        served = ray.get(actors[0].weight_version.remote())
+        rollouts = ray.get(actors[0].generate.remote(PROMPTS))
+        input_ids, attention, loss_mask = rollouts.to_sequences(pad_id=0)
+        signal = TeacherWorker(TeacherConfig(model=checkpoints["teacher"], top_k=16)).score(input_ids, attention)
+        batch = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
+        learner.train_step([ray.put(batch.rows(0, 2)), ray.put(batch.rows(2, 4))])
+
+        version = served + 1
+        report = sync_weights(learner, actors, version, transport)
+        assert report.version == version and report.transport == "collective"
+        assert transport.world_size == 3 and transport.formations == 2
+        assert report.bytes_per_actor == transport.bytes > 0
+        assert ray.get([a.weight_version.remote() for a in actors]) == [version, version]
+
+        # The engines now sample from the learner's weights: their log-probs are the learner's.
+        reference = AutoModelForCausalLM.from_pretrained(checkpoints["student"])
+        initial = {k: v.clone() for k, v in reference.state_dict().items()}
+        reference.load_state_dict(ray.get(learner.export_weights_ref()))
+        assert any(not torch.equal(initial[k], v) for k, v in reference.state_dict().items()), "no weight changed"
+        assert_actors_sample_from(ray, actors, reference, version)
+
+        # A version that is not newer is refused before anything moves...
+        with pytest.raises(ValueError, match="not newer"):
+            sync_weights(learner, actors, version, transport)
+        # ... and by the actors themselves, which still drain the broadcast, so the group stays in step.
+        learner_refs = learner.broadcast_weights_refs()
+        for ref in [a.receive_weights.remote(version) for a in actors]:
+            with pytest.raises(ray.exceptions.RayTaskError, match="not newer"):
+                ray.get(ref)
+        assert ray.get(learner_refs)[0] == transport.bytes
+        assert sync_weights(learner, actors, version + 1, transport).version == version + 1
+        assert_actors_sample_from(ray, actors, reference, version + 1)
+    finally:
+        transport.close()
+        learner.close()

@@ -1,0 +1,160 @@
+"""The sweep report on synthetic run directories with hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tip_ray.report import (
+    ReportError,
+    check_claims,
+    collect_runs,
+    load_run,
+    reproduce_commands,
+    results_table,
+    summarize,
+    write_report,
+)
+
+
+def write_run(root, arm, seed, rule, ratio, after, *, before=0.2, mid=0.5, kept=(100, 100), valid=(100, 100),
+              memory=(500.0, 520.0), wall=100.0, direction="top", finished=True):
+    """A run directory as `tip-ray sweep` leaves it: 2 steps, evaluated at steps 0, 1 and 2."""
+    run = root / arm / f"seed{seed}"
+    run.mkdir(parents=True)
+    config = {"student": "s", "teacher": {"model": "t"}, "selection": {"rule": rule, "ratio": ratio,
+                                                                        "direction": direction},
+              "trainer": {"steps": 2, "prompts_per_step": 4, "eval_every": 1}, "rollout": {"n": 1},
+              "learner": {}, "loss": {"kind": "rkl"}, "eval_data": {"limit": 10, "path": "test.jsonl"}}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"step": 0, "eval/accuracy": before}]
+    for step in (1, 2):
+        row = {"step": step, "loss": 1.0, "kept_tokens": kept[step - 1], "valid_tokens": valid[step - 1],
+               "kept_fraction": kept[step - 1] / valid[step - 1], "learner_peak_memory_mb": memory[step - 1]}
+        if step == 1:
+            row["eval/accuracy"] = mid
+        rows.append(row)
+    rows.append({"step": 2, "eval/accuracy": after})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        (run / "summary.json").write_text(json.dumps({"accuracy_before": before, "accuracy_after": after, "steps": 2}))
+        command = ["python", "-m", "tip_ray.cli", "train", "trainer.steps=2", f"selection.rule={rule}",
+                   f"selection.ratio={ratio}", f"data.seed={seed}", f"trainer.output_dir=sweep/{arm}/seed{seed}"]
+        (run / "sweep_run.json").write_text(json.dumps({"wall_seconds": wall, "returncode": 0, "command": command}))
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for seed, (after, mid, wall) in enumerate([(0.6, 0.5, 100.0), (0.7, 0.55, 110.0), (0.8, 0.6, 120.0)]):
+        write_run(root, "all_100", seed, "all", 1.0, after, mid=mid, wall=wall)
+    for seed, after in enumerate([0.75, 0.85]):
+        write_run(root, "soft_or_50", seed, "soft_or", 0.5, after, kept=(50, 50), memory=(400.0, 410.0))
+    write_run(root, "random_50", 0, "random", 0.5, 0.4, kept=(60, 40), valid=(120, 80))
+    write_run(root, "random_50", 1, "random", 0.5, 0.9, finished=False)  # still running: not reported
+    return root
+
+
+def test_runs_are_read_with_their_curves_tokens_and_memory(sweep):
+    run = load_run(sweep / "all_100" / "seed1")
+    assert (run.arm, run.seed, run.rule, run.ratio) == ("all_100", 1, "all", 1.0)
+    assert run.curve == ((0, 0.2), (1, 0.55), (2, 0.7))
+    assert (run.kept_tokens, run.valid_tokens, run.kept_fraction, run.steps) == (200, 200, 1.0, 2)
+    assert run.peak_memory_mb == 520.0 and run.wall_seconds == 110.0
+    assert len(collect_runs(sweep)) == 6  # the unfinished random_50/seed1 is left out
+
+
+def test_arm_means_std_and_gain_recovered(sweep):
+    arms = {s.arm: s for s in summarize(collect_runs(sweep))}
+    assert list(arms) == ["all_100", "soft_or_50", "random_50"]  # the sweep's arm order
+    a, s, r = arms["all_100"], arms["soft_or_50"], arms["random_50"]
+    assert a.accuracy == pytest.approx(0.7) and a.accuracy_std == pytest.approx(0.1)
+    assert s.accuracy == pytest.approx(0.8) and s.accuracy_std == pytest.approx(math.sqrt(0.005))
+    assert r.accuracy_std is None and r.seeds == (0,)
+    assert a.recovered == pytest.approx(1.0)
+    assert s.recovered == pytest.approx((0.8 - 0.2) / (0.7 - 0.2))
+    assert r.recovered == pytest.approx((0.4 - 0.2) / 0.5)
+    assert (s.kept_tokens, s.kept_fraction, s.peak_memory_mb) == (100, 0.5, 410.0)
+    assert r.kept_fraction == pytest.approx(0.5)  # mean of the per-step fractions 60/120 and 40/80
+    assert a.wall_seconds == pytest.approx(110.0)
+    assert [c[0] for c in a.curve] == [0, 1, 2]
+    assert a.curve[1][1] == pytest.approx(0.55) and a.curve[1][2] == pytest.approx(0.05)
+
+
+def test_table_rows_carry_the_numbers(sweep):
+    table = results_table(summarize(collect_runs(sweep))).splitlines()
+    assert table[2] == "| all_100 | `all` | 1 | 3 | 200 | 100.0% | 70.0 ± 10.0 | 1.00 | 520 | 110 |"
+    assert table[3] == "| soft_or_50 | `soft_or` | 0.5 | 2 | 100 | 50.0% | 80.0 ± 7.1 | 1.20 | 410 | 100 |"
+    assert table[4] == "| random_50 | `random` | 0.5 | 1 | 100 | 50.0% | 40.0 | 0.40 | 520 | 100 |"
+
+
+def test_claims_are_judged_with_the_seed_noise(sweep):
+    claims = {c.statement: c for c in check_claims(summarize(collect_runs(sweep)))}
+    better = claims["soft_or 50% is at least as good as all tokens"]
+    assert better.verdict == "agrees"
+    # difference 0.1 vs standard error sqrt(0.01/3 + 0.005/2) = 0.076: not beyond noise
+    assert not better.clear and "+10.0 pp" in better.detail and "7.6 pp" in better.detail
+    control = claims["random 50% is worse than soft_or 50% (same budget)"]
+    assert control.verdict == "agrees" and control.clear is None  # one random seed: no spread to judge by
+    assert not any("entropy" in name for name in claims)  # arms not in the sweep are not judged
+
+
+def test_the_commands_that_reproduce_the_sweep_keep_its_shared_overrides_only(sweep):
+    assert reproduce_commands(collect_runs(sweep)) == [
+        "tip-ray sweep --root sweep --seeds 0 1 2 --arms all_100,soft_or_50,random_50 trainer.steps=2",
+        "tip-ray report --root sweep --out docs/results.md",
+    ]
+
+
+def test_the_report_page_and_figures_are_written(sweep, tmp_path):
+    out = write_report(sweep, tmp_path / "docs" / "results.md", command="tip-ray report --root X --out Y")
+    text = out.read_text()
+    assert "tip-ray report --root X --out Y" in text
+    assert "| soft_or_50 | `soft_or` | 0.5 | 2 | 100 | 50.0% | 80.0 ± 7.1 | 1.20 | 410 | 100 |" in text
+    assert "**agrees**" in text
+    for name in ("sweep_accuracy_vs_step.png", "sweep_accuracy_vs_budget.png"):
+        png = tmp_path / "docs" / "figures" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert f"(figures/{name})" in text
+
+
+def test_unreadable_runs_are_named(tmp_path):
+    run = write_run(tmp_path, "all_100", 0, "all", 1.0, 0.5)
+    (run / "metrics.jsonl").write_text("{broken\n")
+    with pytest.raises(ReportError, match="metrics.jsonl"):
+        load_run(run)
+    with pytest.raises(ReportError, match="is not a directory"):
+        collect_runs(tmp_path / "missing")
+    with pytest.raises(ReportError, match="no finished runs"):
+        summarize([])
+
+
+def test_the_curve_table_has_the_mean_accuracy_at_every_evaluated_step(sweep):
+    from tip_ray.report import curve_table
+
+    rows = curve_table(summarize(collect_runs(sweep))).splitlines()
+    assert rows[0] == "| arm | step 0 | step 1 | step 2 |"
+    assert rows[2] == "| all_100 | 20.0 | 55.0 | 70.0 |"
+    assert rows[4] == "| random_50 | 20.0 | 50.0 | 40.0 |"
+
+
+def test_the_end_state_averages_the_last_tenth_of_the_steps_then_the_seeds(sweep):
+    from tip_ray.report import end_state_table
+
+    for seed, rkl in enumerate([0.5, 0.7]):
+        path = sweep / "soft_or_50" / f"seed{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in rows:
+            if "kept_tokens" in r:
+                r.update(rkl_mean=9.0 if r["step"] == 1 else rkl, entropy_mean=0.1, response_length=40.0,
+                         truncated=seed)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    arms = {s.arm: s for s in summarize(collect_runs(sweep))}
+    assert arms["soft_or_50"].end_state == pytest.approx(  # 2 steps: the last tenth is the last step
+        {"rkl_mean": 0.6, "entropy_mean": 0.1, "response_length": 40.0, "truncated": 0.5})
+    assert arms["all_100"].end_state == {}  # these runs logged none of the diagnostics
+    rows = end_state_table(summarize(collect_runs(sweep))).splitlines()
+    assert rows[3] == "| soft_or_50 | 0.600 | 0.100 | 40.0 | 0.5 |" and rows[2] == "| all_100 | - | - | - | - |"

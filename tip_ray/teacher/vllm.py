@@ -1,0 +1,84 @@
+"""The vLLM teacher backend: an in-process ``vllm.LLM`` returning prompt log-probs.
+
+Each (prompt + response) sequence is submitted as a prompt with ``prompt_logprobs=K`` and one
+token to generate (which is discarded). The engine keeps ``logprobs_mode=raw_logprobs``: the
+log-softmax of the model's own logits, i.e. temperature 1, before any sampling processor.
+Prefix caching is off so that every position is computed, and the tokenizer is not loaded
+(token ids in, token ids out). Log-probs come back flat (``flat_logprobs``): per position the
+actual next token first, then the top K.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from tip_ray.config import TeacherConfig
+
+
+class VLLMScorer:
+    """Prompt log-probs from vLLM for right-padded sequences."""
+
+    def __init__(self, cfg: TeacherConfig, vocab_size: int) -> None:
+        """``ValueError`` before the engine starts if it may not return the log-probs ``cfg`` asks
+        for (``top_k``, or the whole ``vocab_size`` when ``top_k`` is null)."""
+        k = cfg.top_k or vocab_size
+        if k > cfg.max_logprobs:
+            raise ValueError(
+                f"teacher.top_k=null asks the vllm backend for the full distribution ({k} log-probs per position) "
+                f"but teacher.max_logprobs is {cfg.max_logprobs}; set teacher.top_k <= {cfg.max_logprobs}, raise "
+                f"teacher.max_logprobs to >= {k}, or use teacher.backend=hf")
+        # In-process engine core: the model and requests stay in this actor's process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.max_model_len = cfg.max_model_len
+        self.llm = LLM(
+            model=cfg.model,
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_logprobs=cfg.max_logprobs,
+            logprobs_mode="raw_logprobs",
+            enable_prefix_caching=False,
+            skip_tokenizer_init=True,
+            enforce_eager=True,
+            seed=0,
+        )
+        engine_vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
+        if engine_vocab != vocab_size:
+            raise ValueError(f"vLLM sees a vocabulary of {engine_vocab} for {cfg.model}, its config says {vocab_size}")
+
+    def topk(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For right-padded ``input_ids``/``attention_mask`` [B, L]: ids [B, L-1, k] (long) and fp32
+        log-probs [B, L-1, k] of the k most likely next tokens, and the fp32 log-prob [B, L-1] of
+        the actual next token; padding positions hold zeros."""
+        from vllm import SamplingParams
+
+        batch, length = input_ids.shape
+        lengths = attention_mask.sum(dim=1).tolist()
+        if max(lengths, default=0) >= self.max_model_len:
+            raise ValueError(f"a sequence of {max(lengths)} tokens does not fit teacher.max_model_len="
+                             f"{self.max_model_len} (the vllm backend needs the length + 1)")
+        ids = torch.zeros(batch, length - 1, k, dtype=torch.long)
+        values = torch.zeros(batch, length - 1, k, dtype=torch.float32)
+        sampled = torch.zeros(batch, length - 1, dtype=torch.float32)
+        rows = [b for b, n in enumerate(lengths) if n >= 2]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, flat_logprobs=True,
+                                detokenize=False, seed=0)
+        prompts = [{"prompt_token_ids": input_ids[b, : lengths[b]].tolist()} for b in rows]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        for b, output in zip(rows, outputs):
+            n, flat = lengths[b], output.prompt_logprobs
+            first = flat.start_indices[1]  # position 0 (the first token) has no prediction
+            tokens = torch.tensor(flat.token_ids[first:], dtype=torch.long).view(n - 1, k + 1)
+            logprobs = torch.tensor(flat.logprobs[first:], dtype=torch.float32).view(n - 1, k + 1)
+            if not torch.equal(tokens[:, 0], input_ids[b, 1:n].long()):
+                raise RuntimeError("vLLM's prompt log-probs do not start with the prompt token: an unsupported "
+                                   "vLLM version")
+            ids[b, : n - 1], values[b, : n - 1], sampled[b, : n - 1] = tokens[:, 1:], logprobs[:, 1:], logprobs[:, 0]
+        return ids, values, sampled
