@@ -5,10 +5,13 @@ order (the first ``steps x prompts_per_step`` prompts of tip_ray's ``PromptStrea
 TRL as text and checked to tokenize to the same ids), same prompts per optimizer step, same
 ``max_new_tokens``, temperature 1, same optimizer (AdamW, constant lr, clip 1.0), same number of
 optimizer steps, reverse KL against the teacher's full distribution (tip_ray ``loss.kind=rkl`` with
-``teacher.top_k=null``; TRL ``beta=1.0``), no evaluation, no checkpointing, minimal logging.
+``teacher.top_k=null``; TRL ``beta=1.0``), no evaluation, minimal logging, no checkpoint on the TRL
+side (tip_ray writes its final checkpoint after the last step, outside the timed steps).
 
 - tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed ZeRO-2
-  learner on Ray, weight sync every step), read from its ``metrics.jsonl``.
+  learner on Ray, weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
+  0.5 in ``trainer.mode=sync``, and `all` in ``trainer.mode=overlap`` (step t+1's rollouts
+  generated while the learner trains on step t: one update stale, so not strictly on-policy).
 - TRL: ``DistillationTrainer`` (on-policy: the student samples every completion with
   ``transformers`` ``generate``; teacher and student in one process), run by
   ``bench/trl_worker.py`` inside ``bench/.venv-trl`` (``bench/setup_trl_env.sh`` makes it), once
@@ -28,6 +31,7 @@ Usage:
     bash bench/setup_trl_env.sh                      # once: the TRL virtualenv
     python bench/trl_comparison.py                   # 12 optimizer steps per side
     python bench/trl_comparison.py --steps 20 --warmup-steps 3
+    python bench/trl_comparison.py --startup-profile # plus one tip_ray run with its start-up timed
 Prints a table and writes bench/results/trl_comparison.json (run directories under
 bench/results/trl_comparison/). Target: tip_ray with `all` >= 1.5x TRL's response tokens/s.
 """
@@ -65,10 +69,10 @@ class Setup:
     teacher: str
 
 
-def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path) -> list[str]:
+def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path, mode: str = "sync") -> list[str]:
     """Hydra overrides for one tip_ray run of ``setup`` (the embedded default otherwise)."""
     return [
-        f"student={setup.student}", f"teacher.model={setup.teacher}", "teacher.top_k=null",
+        f"trainer.mode={mode}", f"student={setup.student}", f"teacher.model={setup.teacher}", "teacher.top_k=null",
         f"trainer.steps={setup.steps}", f"trainer.prompts_per_step={setup.prompts_per_step}",
         f"learner.global_batch_size={setup.prompts_per_step}", f"learner.micro_batch_size={setup.micro_batch_size}",
         f"learner.lr={setup.lr}", "learner.lr_schedule=constant", "learner.warmup_steps=0", "learner.grad_clip=1.0",
@@ -119,11 +123,11 @@ def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     return seconds
 
 
-def run_tip(setup: Setup, name: str, rule: str, ratio: float, workdir: Path) -> dict:
+def run_tip(setup: Setup, name: str, rule: str, ratio: float, workdir: Path, mode: str = "sync") -> dict:
     """One ``tip-ray train`` run; per-step records from its metrics.jsonl."""
     out = workdir / name
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
-    wall = _run([sys.executable, "-m", "tip_ray.cli", "train", *tip_overrides(setup, rule, ratio, out)],
+    wall = _run([sys.executable, "-m", "tip_ray.cli", "train", *tip_overrides(setup, rule, ratio, out, mode)],
                 workdir / f"{name}.log")
     steps = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -245,8 +249,7 @@ def report(setup: Setup, summaries: list[dict]) -> dict:
         p = s["phase_seconds_per_step"]
         table.add_row(s["name"], f"{s['seconds_per_step']:.2f}", f"{s['median_seconds_per_step']:.2f}",
                       f"{s['best_seconds_per_step']:.2f}",
-                      *(f"{p.get(k, 0.0):.2f}" for k in
-                      ("rollout", "teacher", "learner", "sync")),
+                      *(f"{p.get(k, 0.0):.2f}" for k in ("rollout", "teacher", "learner", "sync")),
                       f"{s['response_tokens_per_step']:.0f}", f"{s['response_tokens_per_second']:.0f}",
                       f"{s['trained_tokens_per_second']:.0f}", f"{s['throughput_vs_trl']:.2f}",
                       f"{s['median_throughput_vs_trl']:.2f}", f"{s['best_throughput_vs_trl']:.2f}",
@@ -301,7 +304,9 @@ def main() -> int:
     for name, runner in (("trl", lambda: run_trl(setup, prompts, workdir, None)),
                          ("tip_ray-all", lambda: run_tip(setup, "tip_ray-all", "all", 1.0, workdir)),
                          ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
-                         ("tip_ray-soft_or-0.5", lambda: run_tip(setup, "tip_ray-soft_or-0.5", "soft_or", 0.5, workdir))):
+                         ("tip_ray-soft_or-0.5", lambda: run_tip(setup, "tip_ray-soft_or-0.5", "soft_or", 0.5, workdir)),
+                         ("tip_ray-all-overlap",
+                          lambda: run_tip(setup, "tip_ray-all-overlap", "all", 1.0, workdir, "overlap"))):
         print(f"  running {name} ...", file=sys.stderr, flush=True)
         runs.append(runner())
         print(f"  {name}: {runs[-1]['wall_seconds']:.0f} s wall", file=sys.stderr, flush=True)

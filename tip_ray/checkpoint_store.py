@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def commit(tmp: Path, final: Path, meta: dict[str, Any]) -> None:
     _fsync_dir(tmp)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
-        old = final.with_name(f"{_TMP}replaced-{final.name}-{os.getpid()}")
+        old = final.with_name(f"{_TMP}replaced-{final.name}-{uuid.uuid4().hex}")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)

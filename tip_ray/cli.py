@@ -137,6 +137,7 @@ def _print_summary(summary) -> None:
     table.add_column("value", justify="right")
     table.add_row("student accuracy before", pct(summary.accuracy_before))
     table.add_row("student accuracy after", pct(summary.accuracy_after))
+    table.add_row("teacher accuracy", pct(summary.teacher_accuracy))
     table.add_row("tokens kept", pct(summary.kept_fraction))
     table.add_row("throughput (response tokens/s)", f"{summary.tokens_per_second:.1f}")
     for phase, seconds in summary.phase_seconds.items():

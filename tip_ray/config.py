@@ -427,13 +427,18 @@ class ClusterConfig:
 
 @dataclass
 class TrainerConfig:
-    """The loop: how many steps, how many prompts per step, when to sync and evaluate."""
+    """The loop: how many steps, how many prompts per step, when to sync and evaluate.
+
+    Evaluation (greedy, on ``eval_data``) runs before training, every ``eval_every`` steps and at
+    the end; ``eval_teacher`` also scores the teacher once at the start, for reference.
+    """
 
     steps: int = 100
     prompts_per_step: int = 8
     sync_every: int = 1
     eval_every: int = 0
     eval_max_new_tokens: int = 256
+    eval_teacher: bool = True
     output_dir: str = "runs/train"
     seed: int = 0
     mode: str = "sync"
@@ -509,9 +514,12 @@ class FaultConfig:
     actor is then killed and restarted) is retried by the driver, at most ``max_step_retries``
     times per pool call of a step, before the run stops. ``restart_timeout_s`` bounds the wait for
     an actor to be up (built at the start, or restarted), model loading included; a restarted
-    actor that is not back in time is retired and its work moves to the other actors. ``on_learner_failure``: ``restart`` the
-    learner group from the last checkpoint or ``stop``; ``max_bad_steps``: consecutive steps with
-    a non-finite loss or gradient norm before the run stops.
+    actor that is not back in time is retired and its work moves to the other actors.
+    ``on_learner_failure``: ``restart`` the learner group from the last checkpoint (at most
+    ``max_learner_recoveries`` times in one run: a failure that replays deterministically must
+    not loop) or ``stop``. ``max_bad_steps``: consecutive steps skipped for NaN/inf in the
+    teacher's log-probs or the student's statistics before the run stops (an update that leaves
+    non-finite weights is rolled back to the last checkpoint, counted as a learner recovery).
     """
 
     max_actor_restarts: int = 3
@@ -519,6 +527,7 @@ class FaultConfig:
     actor_timeout_s: float = 600.0
     restart_timeout_s: float = 1800.0
     on_learner_failure: str = "restart"
+    max_learner_recoveries: int = 3
     max_bad_steps: int = 3
 
     def __post_init__(self) -> None:
@@ -531,6 +540,8 @@ class FaultConfig:
             (self.on_learner_failure in ON_LEARNER_FAILURE,
              f"faults.on_learner_failure must be one of {ON_LEARNER_FAILURE}, got {self.on_learner_failure!r}"),
             (self.max_bad_steps >= 1, f"faults.max_bad_steps must be >= 1, got {self.max_bad_steps}"),
+            (self.max_learner_recoveries >= 0,
+             f"faults.max_learner_recoveries must be >= 0, got {self.max_learner_recoveries}"),
         )
         _raise_first_failure(checks)
 

@@ -198,6 +198,9 @@ class TeacherActor:
     def score(self, input_ids, attention_mask):
         return self.worker.score(input_ids, attention_mask)
 
+    def generate(self, prompt_ids: list[list[int]], sampling):
+        return self.worker.generate(prompt_ids, sampling)
+
 
 class LearnerGroup:
     """``learner.world_size`` LearnerActors forming one torch.distributed group."""

@@ -208,6 +208,7 @@ class ActorPool:
         ]
         self.retired: set[int] = set()
         self._restarted: set[int] = set()  # restarted since they last got a call: prepare them first
+        self.restarts = 0  # actor restarts so far (a collective weight group must be formed again after one)
         # Readiness is awaited at the first call, not here, so that the pools start side by side,
         # and before any call's clock starts, so that loading a model never counts as a hang.
         self._ready = [actor.__ray_ready__.remote() for actor in self.actors]
@@ -252,6 +253,10 @@ class ActorPool:
         retries, bound = 0, self.faults.max_step_retries
         waiting = {s.ref: s for s in pending.shards if not s.done}
         while waiting:
+            # Results already in first: a shard that finished is never expired, however late we look.
+            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=0)
+            for ref in ready:
+                waiting[ref].deadline = math.inf
             now = time.monotonic()
             expired = [s for s in waiting.values() if s.deadline <= now]
             if expired:
@@ -261,7 +266,8 @@ class ActorPool:
                 problem = (f"did not answer within faults.actor_timeout_s={self.faults.actor_timeout_s:g} s "
                            "(killed so that Ray restarts it)")
             else:
-                timeout = min(s.deadline for s in waiting.values()) - now
+                first = min(s.deadline for s in waiting.values())
+                timeout = None if math.isinf(first) else first - now
                 ready, _ = ray.wait(list(waiting), num_returns=1, timeout=timeout)
                 if not ready:
                     continue
@@ -344,6 +350,7 @@ class ActorPool:
         """The actor to retry on: ``failed`` once Ray restarted it, else another live actor."""
         if self._wait_alive(failed):
             self._restarted.add(failed)
+            self.restarts += 1
             return failed
         self.retired.add(failed)
         self.on_event(f"{self.name} pool: actor {failed} is gone for good (restarts used up, or not back within "
@@ -399,10 +406,13 @@ class RolloutPool(ActorPool):
         served_weights: Callable[[], tuple[Any, int] | None],
         on_event: Callable[[str], None] | None = None,
         placement_timeout_s: float = 60.0,
+        served_version: Callable[[], int] | None = None,
     ) -> None:
         super().__init__(resources, RolloutActor, lambda i: (cfg, model, i), faults, on_event, placement_timeout_s)
         self.cfg = cfg
         self.served_weights = served_weights
+        # The version alone is cheap; fetching the weights may mean exporting them from the learner.
+        self.served_version = served_version or (lambda: (self.served_weights() or (None, 0))[1])
 
     def launch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> RolloutLaunch:
         """Start sampling ``rollout.n`` responses per prompt (``prompts`` [N][len_i], ``seeds`` [N],
@@ -427,8 +437,7 @@ class RolloutPool(ActorPool):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         if not prompts:
             raise ValueError("no prompts to generate from")
-        served = self.served_weights()
-        expected = served[1] if served is not None else 0
+        expected = self.served_version()
         budget = (sampling or self.cfg).max_new_tokens
         # A prompt's cost: the sequence length it can reach (decoding dominates generation).
         costs = [len(p) + budget for p in prompts]
@@ -462,6 +471,18 @@ class TeacherPool(ActorPool):
         placement_timeout_s: float = 60.0,
     ) -> None:
         super().__init__(resources, TeacherActor, lambda i: (cfg,), faults, on_event, placement_timeout_s)
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]:
+        """The teacher's own generations for ``prompts`` [N][len_i] (to measure its accuracy),
+        balanced by prompt length over the live actors; ``prompt_index`` into ``prompts``. Waits;
+        no retries (an evaluation, not a training step)."""
+        shards = [s for s in balance([float(len(p)) for p in prompts], len(self.live_actors)) if s]
+        refs = [actor.generate.remote([list(prompts[i]) for i in rows], sampling)
+                for actor, rows in zip(self.live_actors, shards)]
+        out = []
+        for rows, generations in zip(shards, ray.get(refs)):
+            out.extend(replace(g, prompt_index=rows[g.prompt_index]) for g in generations)
+        return sorted(out, key=lambda g: g.prompt_index)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherSignal:
         """The teacher's signal [B, L-1, K] for ``input_ids``/``attention_mask`` [B, L]; each

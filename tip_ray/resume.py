@@ -18,9 +18,13 @@ from tip_ray.checkpoint_store import CheckpointStore, SavedCheckpoint
 IDENTITY_KEYS = (
     "student", "teacher.model", "teacher.top_k", "data.path", "data.split", "data.seed", "data.shuffle",
     "data.limit", "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens", "rollout.seed",
+    "data.format", "data.prompt_field", "data.answer_field", "data.prompt_template", "data.system_prompt",
+    "data.apply_chat_template", "data.max_prompt_tokens", "data.on_overlong", "rollout.engine",
+    "teacher.backend", "teacher.values_dtype",
     "learner.world_size", "learner.zero_stage", "learner.dtype", "learner.optimizer", "learner.lr",
-    "learner.global_batch_size", "learner.micro_batch_size", "learner.seed", "selection", "loss",
-    "trainer.prompts_per_step", "trainer.sync_every", "trainer.seed", "trainer.mode",
+    "learner.weight_decay", "learner.betas", "learner.lr_schedule", "learner.warmup_steps", "learner.total_steps",
+    "learner.min_lr_ratio", "learner.grad_clip", "learner.global_batch_size", "learner.micro_batch_size",
+    "learner.seed", "selection", "loss", "trainer.prompts_per_step", "trainer.sync_every", "trainer.mode",
 )
 
 
@@ -53,8 +57,9 @@ def find_resume_point(resume: str, store: CheckpointStore, run_dir: Path,
 
     ``resume`` is ``auto`` (the newest complete checkpoint of ``store``, if any), ``never`` (a
     fresh start; an error if ``store`` already holds a checkpoint, which would otherwise be mixed
-    with or overwritten by the new run) or a checkpoint directory. Resuming needs the saved
-    run's ``config.json`` in ``run_dir`` to agree with ``current_config`` on ``IDENTITY_KEYS``.
+    with or overwritten by the new run) or a checkpoint directory. Resuming needs the config saved
+    with the checkpoint (else the run's ``config.json`` in ``run_dir``) to agree with
+    ``current_config`` on ``IDENTITY_KEYS``.
     """
     if resume == "never":
         found = store.latest()
@@ -73,8 +78,11 @@ def find_resume_point(resume: str, store: CheckpointStore, run_dir: Path,
     if point is None:
         return None
     saved_config = run_dir / "config.json"
-    if saved_config.exists():
-        differences = config_differences(json.loads(saved_config.read_text()), current_config)
+    saved = point.driver.get("config")  # the checkpoint's own run, wherever it was written
+    if saved is None and saved_config.exists():
+        saved = json.loads(saved_config.read_text())
+    if saved is not None:
+        differences = config_differences(saved, current_config)
         if differences:
             raise ResumeError(
                 f"{run_dir} holds a run with other settings than this one ({'; '.join(differences)}); resuming it "

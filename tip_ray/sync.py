@@ -59,8 +59,8 @@ class ObjectStoreTransport:
         if any(v != version for v in served):
             raise RuntimeError(f"rollout actors serve versions {served} after a sync to {version}")
         seconds = time.perf_counter() - start
-        if self._bytes is None:  # the size never changes: fetch the weights into the driver only once
-            self._bytes = sum(t.numel() * t.element_size() for t in ray.get(weights_ref).values())
+        if self._bytes is None:  # from rank 0's metadata: the weights themselves never enter the driver
+            self._bytes = sum(meta.nbytes for meta in learner_group.weight_metadata())
         return SyncReport(version, seconds, self._bytes, self.name, weights_ref)
 
     def close(self) -> None:

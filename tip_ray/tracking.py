@@ -59,6 +59,13 @@ class Tracker:
             self.wandb_run = wandb.init(project=cfg.project, name=cfg.run_name, dir=str(run_dir), mode=mode,
                                         config=config, id=self.run_id, resume="allow", reinit="finish_previous")
 
+    def rewind(self, step: int) -> None:
+        """Drop the JSONL lines after ``step`` (a run that went back to an earlier checkpoint);
+        W&B keeps its history and ignores the re-run steps' values."""
+        self._file.close()
+        truncate_after(self.path, step)
+        self._file = self.path.open("a")
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` (flat name -> number) for ``step``."""
         self._file.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -194,19 +194,26 @@ class LearnerWorker:
         """Per-token statistics of every micro-batch, or None on every rank if any rank saw NaN/inf
         in its hidden states or teacher log-probs (every rank still runs every forward: ZeRO-3
         gathers parameters collectively)."""
-        stats, finite = [], True
+        stats, finite, error = [], True, None
         for mb in micro:
             hidden = self._hidden(mb)
             mask = mb.loss_mask
             finite = finite and all(bool(torch.isfinite(t[mask]).all())
                                     for t in (hidden, mb.teacher.topk_logprobs, mb.teacher.sampled_logprobs))
-            if not finite:
-                continue
+            # Every rank enters the gather for every micro-batch (under ZeRO-3 it is a collective),
+            # whatever it then computes.
             with self._lm_head() as (weight, bias):
-                stats.append(token_stats_from_hidden(
-                    hidden.float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
-                    lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
-                    chunk_rows=self.cfg.chunk_rows))
+                if not finite or error is not None:
+                    continue
+                try:
+                    stats.append(token_stats_from_hidden(
+                        hidden.float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
+                        lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
+                        chunk_rows=self.cfg.chunk_rows))
+                except ValueError as exc:  # bad input on this rank: every rank must hear of it
+                    error = error or str(exc)
+        if not _all_ranks_agree(error is None):
+            raise ValueError(f"learner rank {dist.get_rank()}: " + (error or "another rank rejected its batch"))
         finite = finite and all(_finite_on_mask(st) for st in stats)
         return stats if _all_ranks_agree(finite) else None
 

@@ -14,6 +14,29 @@ from tip_ray.rollout.hf import SamplingSettings
 from tip_ray.types import Generation
 
 
+def generate_with_llm(llm, prompts: list[list[int]], sampling: SamplingSettings,
+                      seeds: list[int] | None = None) -> list[Generation]:
+    """Generations of a ``vllm.LLM`` for token-id ``prompts`` (see ``VLLMEngine.generate``)."""
+    from vllm import SamplingParams
+
+    def params(seed: int | None) -> SamplingParams:
+        return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_tokens=sampling.max_new_tokens, seed=seed, logprobs=0)
+
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    per_request = params(sampling.seed) if seeds is None else [params(seed) for seed in seeds]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], per_request, use_tqdm=False)
+    generations = []
+    for index, request in enumerate(outputs):
+        for completion in request.outputs:
+            ids = list(completion.token_ids)
+            logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], ids)]
+            finish = "stop" if completion.finish_reason == "stop" else "length"
+            generations.append(Generation(index, ids, logprobs, finish))
+    return generations
+
+
 class VLLMEngine:
     """An in-process ``vllm.LLM`` behind the engine interface ``generate`` / ``update_weights``."""
 
@@ -49,24 +72,7 @@ class VLLMEngine:
         ``seeds`` [len(prompts)]: each prompt is sampled with its own seed, so its samples do not
         depend on which other prompts share the batch; None: one ``sampling.seed`` for the call.
         """
-        from vllm import SamplingParams
-
-        def params(seed: int | None) -> SamplingParams:
-            return SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                  max_tokens=sampling.max_new_tokens, seed=seed, logprobs=0)
-
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-        per_request = params(sampling.seed) if seeds is None else [params(seed) for seed in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], per_request, use_tqdm=False)
-        generations = []
-        for index, request in enumerate(outputs):
-            for completion in request.outputs:
-                ids = list(completion.token_ids)
-                logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs or [], ids)]
-                finish = "stop" if completion.finish_reason == "stop" else "length"
-                generations.append(Generation(index, ids, logprobs, finish))
-        return generations
+        return generate_with_llm(self.llm, prompts, sampling, seeds)
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Load the learner's full weights (Hugging Face names) into the running engine."""

@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 
 from tip_ray.config import TeacherConfig
+from tip_ray.rollout.hf import SamplingSettings
 from tip_ray.teacher.layout import fill_padding, order_by_logprob, target_mask
 from tip_ray.tip.signal import TeacherSignal
+from tip_ray.types import Generation
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,6 +44,21 @@ class TeacherWorker:
     def k(self) -> int:
         """Teacher tokens sent per position (the vocabulary size when ``top_k`` is null)."""
         return self.cfg.top_k or self.vocab_size
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Generation]:
+        """The teacher's own generations for token-id prompts (to measure its accuracy), one
+        ``Generation`` per sample with ``prompt_index`` into ``prompt_ids``."""
+        if self.cfg.backend == "vllm":
+            from tip_ray.rollout.vllm import generate_with_llm
+
+            return generate_with_llm(self.backend.llm, prompt_ids, sampling)
+        from transformers import AutoTokenizer
+
+        from tip_ray.rollout.hf import HFGenerator
+
+        generator = HFGenerator(self.backend.model, AutoTokenizer.from_pretrained(self.cfg.model),
+                                batch_size=self.cfg.micro_batch_size * 8)
+        return generator.generate(prompt_ids, sampling)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherSignal:
         """Signal [B, L-1, K] for right-padded sequences ``input_ids``/``attention_mask`` [B, L].
