@@ -366,6 +366,9 @@ def plot_curves(summaries: Sequence[ArmSummary], path: str | Path) -> Path:
     tail = [100 * c[1] for s in improved for c in s.curve if c[0] >= max(c2[0] for c2 in s.curve) / 2]
     if tail:
         axes[1].set_ylim(min(tail) - 3, max(tail) + 3)
+    later = [c[0] for s in improved for c in s.curve if c[0] > 0]
+    if later:
+        axes[1].set_xlim(min(later) - 3, max(later) + 3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center right")
     fig.tight_layout(rect=(0, 0, 0.83, 1))
@@ -428,11 +431,29 @@ def _setup_text(records: Sequence[RunRecord], rock_file: str | None) -> list[str
         f"- {len(records)} finished runs in {len({r.arm for r in records})} arms.",
     ]
     if rock_file:
-        lines.append(_rock_text(rock_file))
+        lines.append(_rock_text(rock_file, _shown_path(rock_file, _sweep_cwd(records))))
     return lines
 
 
-def _rock_text(rock_file: str) -> str:
+def _sweep_cwd(records: Sequence[RunRecord]) -> Path | None:
+    """The directory the sweep ran in, from a run's relative ``trainer.output_dir`` (None if unknown)."""
+    run = next((r for r in records if r.command), None)
+    if run is None:
+        return None
+    out_dir = next((o.split("=", 1)[1] for o in run.command if o.startswith("trainer.output_dir=")), None)
+    if out_dir is None or Path(out_dir).is_absolute():
+        return None
+    return run.run_dir.resolve().parents[len(Path(out_dir).parts) - 1]
+
+
+def _shown_path(path: str, cwd: Path | None) -> str:
+    """``path`` relative to the sweep's directory when it lies inside it."""
+    if cwd is not None and Path(path).is_absolute() and Path(path).is_relative_to(cwd):
+        return str(Path(path).relative_to(cwd))
+    return path
+
+
+def _rock_text(rock_file: str, shown: str) -> str:
     from tip_ray.tip.rocks import RockFileError, load_rock_set
 
     try:
@@ -440,7 +461,7 @@ def _rock_text(rock_file: str) -> str:
     except RockFileError as exc:
         return f"- rock_freeze: {exc}"
     p = rocks.provenance
-    return (f"- rock_freeze: `{rock_file}` holds {len(rocks.token_ids)} rocks (λ = 0: frozen), built by "
+    return (f"- rock_freeze: `{shown}` holds {len(rocks.token_ids)} rocks (λ = 0: frozen), built by "
             f"`tip-ray rocks` from {p.get('num_rollouts')} student rollouts ({rocks.num_tokens} tokens, "
             f"{p.get('distinct_ids_seen')} distinct ids of the vocabulary of {p.get('vocab_size')}) after dropping the "
             f"{len(rocks.dropped_ids)} most frequent ids; the paper's 100 rocks / 5 dropped would be most of this "
@@ -458,7 +479,6 @@ def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
         return []
     overrides = list(run.command[4:])  # after: python -m tip_ray.cli train
     out_dir = Path(next((o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")), "."))
-    cwd = None if out_dir.is_absolute() else run.run_dir.resolve().parents[len(out_dir.parts) - 1]
     root = out_dir.parent.parent
     lines = []
     if run.config.get("student") == "runs/embedded/student":
@@ -470,9 +490,7 @@ def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
     if set(arms) != {a.name for a in DEFAULT_ARMS}:
         sweep += ["--arms", ",".join(arms)]
     if rock_file:
-        shown = rock_file
-        if cwd is not None and Path(rock_file).is_absolute() and Path(rock_file).is_relative_to(cwd):
-            shown = str(Path(rock_file).relative_to(cwd))
+        shown = _shown_path(rock_file, _sweep_cwd(records))
         from tip_ray.tip.rocks import RockFileError, load_rock_set
 
         try:
@@ -495,8 +513,10 @@ def render(summaries: Sequence[ArmSummary], records: Sequence[RunRecord], figure
     rock_file = next((r.config.get("selection", {}).get("rock_file") for r in records
                       if r.config.get("selection", {}).get("rock_file")), None)
     claims = check_claims(summaries)
-    agree = [c for c in claims if c.verdict == "agrees"]
-    disagree = [c for c in claims if c.verdict != "agrees"]
+    groups = (("Agrees, beyond seed noise", [c for c in claims if c.verdict == "agrees" and c.clear]),
+              ("Agrees in direction, within seed noise (or one seed)",
+               [c for c in claims if c.verdict == "agrees" and not c.clear]),
+              ("Does not agree", [c for c in claims if c.verdict != "agrees"]))
     out = [
         "# Selection-rule sweep on the embedded default",
         "",
@@ -542,16 +562,36 @@ def render(summaries: Sequence[ArmSummary], records: Sequence[RunRecord], figure
         "",
         claims_table(claims),
         "",
-        f"Agrees ({len(agree)}): " + ("; ".join(c.statement for c in agree) or "none") + ".",
+        *(f"- {title} ({len(cs)}): " + ("; ".join(c.statement for c in cs) or "none") + "." for title, cs in groups),
         "",
-        f"Does not agree ({len(disagree)}): " + ("; ".join(c.statement for c in disagree) or "none") + ".",
-        "",
+        *collapse_notes(summaries),
         "Scale caveat: the papers distil Qwen3 8B/4B -> 4B/1.7B on competition math with thousands of response "
         "tokens; here a 0.43M-parameter student learns column arithmetic from a 1.77M-parameter teacher with "
         "about 50-token responses, so agreement is in kind, not in size.",
         "",
     ]
     return "\n".join(out)
+
+
+def collapse_notes(summaries: Sequence[ArmSummary]) -> list[str]:
+    """One paragraph per arm that ends below the accuracy it started from, with its end state
+    next to the ``all`` arm's (empty list if there is none)."""
+    base = next((s for s in summaries if s.rule == "all"), None)
+    notes = []
+    for s in summaries:
+        if s.accuracy >= s.accuracy_before or not s.end_state:
+            continue
+        e = s.end_state
+        text = (f"{s.arm} ends below its starting accuracy ({_pct(s.accuracy)}% vs {_pct(s.accuracy_before)}%). "
+                f"At the end its KL(student‖teacher) per token is {e.get('rkl_mean', float('nan')):.3f}, its "
+                f"responses average {e.get('response_length', float('nan')):.1f} tokens and "
+                f"{e.get('truncated', float('nan')):.1f} per step hit the length limit")
+        if base is not None and base.end_state:
+            b = base.end_state
+            text += (f" ({base.arm}: {b.get('rkl_mean', float('nan')):.3f}, "
+                     f"{b.get('response_length', float('nan')):.1f} tokens, {b.get('truncated', float('nan')):.1f})")
+        notes += [text + ".", ""]
+    return notes
 
 
 DEFAULT_COMMAND = "tip-ray report --root runs/sweep --out docs/results.md"

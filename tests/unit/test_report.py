@@ -158,3 +158,21 @@ def test_the_end_state_averages_the_last_tenth_of_the_steps_then_the_seeds(sweep
     assert arms["all_100"].end_state == {}  # these runs logged none of the diagnostics
     rows = end_state_table(summarize(collect_runs(sweep))).splitlines()
     assert rows[3] == "| soft_or_50 | 0.600 | 0.100 | 40.0 | 0.5 |" and rows[2] == "| all_100 | - | - | - | - |"
+
+
+def test_an_arm_that_ends_below_its_start_gets_a_note_with_its_end_state(sweep):
+    from tip_ray.report import collapse_notes
+
+    path = sweep / "random_50" / "seed0" / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        if "kept_tokens" in r:
+            r.update(rkl_mean=2.5, entropy_mean=0.1, response_length=90.0, truncated=30)
+        elif r["step"] == 2:
+            r["eval/accuracy"] = 0.1
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((path.parent / "summary.json").read_text())
+    (path.parent / "summary.json").write_text(json.dumps({**summary, "accuracy_after": 0.1}))
+    notes = [n for n in collapse_notes(summarize(collect_runs(sweep))) if n]
+    assert notes == ["random_50 ends below its starting accuracy (10.0% vs 20.0%). At the end its KL(student‖teacher) "
+                     "per token is 2.500, its responses average 90.0 tokens and 30.0 per step hit the length limit."]
