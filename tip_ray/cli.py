@@ -138,10 +138,13 @@ def _print_summary(summary) -> None:
     table.add_row("student accuracy before", pct(summary.accuracy_before))
     table.add_row("student accuracy after", pct(summary.accuracy_after))
     table.add_row("teacher accuracy", pct(summary.teacher_accuracy))
-    table.add_row("tokens kept", pct(summary.kept_fraction))
-    table.add_row("throughput (response tokens/s)", f"{summary.tokens_per_second:.1f}")
-    for phase, seconds in summary.phase_seconds.items():
-        table.add_row(f"{phase} s/step", f"{seconds:.2f}")
+    if summary.steps_run:
+        table.add_row("tokens kept", pct(summary.kept_fraction))
+        table.add_row("throughput (response tokens/s)", f"{summary.tokens_per_second:.1f}")
+        for phase, seconds in summary.phase_seconds.items():
+            table.add_row(f"{phase} s/step", f"{seconds:.2f}")
+    else:
+        table.add_row("steps trained now", f"none: the run was already complete at step {summary.steps}")
     if summary.skipped_steps:
         table.add_row("steps skipped (NaN/inf)", str(summary.skipped_steps))
     table.add_row("run directory (metrics.jsonl, events.jsonl, config.json, wandb/)", str(summary.run_dir))

@@ -47,6 +47,7 @@ class TrainSummary:
     skipped_steps: int = 0
     checkpoint_dir: Path | None = None
     teacher_accuracy: float | None = None
+    steps_run: int = 0  # steps trained by this process (0: the run was already complete)
 
 
 class LearnerFailure(RuntimeError):
@@ -498,7 +499,7 @@ class Trainer:
         summary = TrainSummary(self.accuracy_before, after, sum(kept) / done, tokens / max(seconds, 1e-9),
                                {k: v / done for k, v in phases.items()}, self.run_dir, step,
                                export if export.exists() else None, self.bad_steps["total"], self.store.root,
-                               self.teacher_accuracy)
+                               self.teacher_accuracy, len(kept))
         _write_atomically(self.run_dir / "summary.json", json.dumps(asdict(summary), indent=2, default=str))
         return summary
 
