@@ -161,9 +161,6 @@ class RolloutActor:
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, sampling=None):
         return self.worker.generate(prompt_ids, seeds, sampling)
 
-    def generate_with(self, prompt_ids: list[list[int]], sampling):
-        return self.worker.engine.generate(prompt_ids, sampling)
-
     def update_weights(self, named_tensors, version: int) -> int:
         self.worker.update_weights(named_tensors, version)
         return self.worker.weight_version
