@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import save_tiny_pair
 
 from tip_ray.config import LearnerConfig, LossConfig, RolloutConfig, SelectionConfig, TeacherConfig
 from tip_ray.tip import budget_for
@@ -23,19 +24,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from tip_ray.data.tokenizer import build_char_tokenizer
-    from tip_ray.embedded.models import ModelShape, build_model
-
-    root = tmp_path_factory.mktemp("pools")
-    tokenizer = build_char_tokenizer()
-    paths = {}
-    for name, hidden, seed in (("student", 64, 0), ("teacher", 96, 1)):
-        shape = ModelShape(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=hidden // 32,
-                           num_key_value_heads=1, intermediate_size=2 * hidden)
-        build_model(shape, tokenizer, seed=seed).save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
-        paths[name] = str(root / name)
-    return paths
+    return save_tiny_pair(tmp_path_factory.mktemp("pools"))
 
 
 def test_resources_that_do_not_fit_fail_before_any_actor_starts(cluster):

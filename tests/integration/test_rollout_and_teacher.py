@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import reference_logprobs, save_tiny_model
 
 from tip_ray.config import RolloutConfig, TeacherConfig
 from tip_ray.rollout.worker import RolloutWorker
@@ -17,27 +18,7 @@ PROMPTS = [[3, 10, 20, 30, 40], [3, 11, 12]]
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from tip_ray.data.tokenizer import build_char_tokenizer
-    from tip_ray.embedded.models import ModelShape, build_model
-
-    path = tmp_path_factory.mktemp("rollout") / "student"
-    tokenizer = build_char_tokenizer()
-    shape = ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=128)
-    build_model(shape, tokenizer, seed=0).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
-
-
-def reference_logprobs(model, rollouts):
-    """Per sample, the log-probs a transformers forward pass gives the sampled tokens."""
-    out = []
-    for g in rollouts.generations:
-        prompt = list(rollouts.prompt_ids[g.prompt_index])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([prompt + g.token_ids])).logits[0].float(), -1)
-        out.append([logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(g.token_ids)])
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("rollout") / "student")
 
 
 @pytest.mark.parametrize("engine", ["vllm", "hf"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import save_tiny_model
 
 from tip_ray.config import TeacherConfig
 from tip_ray.teacher.worker import TeacherWorker
@@ -29,16 +30,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory):
-    from tip_ray.data.tokenizer import build_char_tokenizer
-    from tip_ray.embedded.models import ModelShape, build_model
-
-    path = tmp_path_factory.mktemp("teacher_vllm") / "teacher"
-    tokenizer = build_char_tokenizer()
-    shape = ModelShape(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=128)
-    build_model(shape, tokenizer, seed=3).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("teacher_vllm") / "teacher", seed=3)
 
 
 def padded_batch(lengths: list[int], vocab: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import reference_logprobs, save_tiny_pair
 
 from tip_ray.config import LearnerConfig, LossConfig, RolloutConfig, SelectionConfig, SyncConfig, TeacherConfig
 
@@ -25,19 +26,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from tip_ray.data.tokenizer import build_char_tokenizer
-    from tip_ray.embedded.models import ModelShape, build_model
-
-    root = tmp_path_factory.mktemp("sync")
-    tokenizer = build_char_tokenizer()
-    paths = {}
-    for name, hidden, seed in (("student", 64, 0), ("teacher", 96, 1)):
-        shape = ModelShape(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=hidden // 32,
-                           num_key_value_heads=1, intermediate_size=2 * hidden)
-        build_model(shape, tokenizer, seed=seed).save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
-        paths[name] = str(root / name)
-    return paths
+    return save_tiny_pair(tmp_path_factory.mktemp("sync"))
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +38,6 @@ def rollout_actors(cluster, checkpoints):
     actors = [cluster.remote(RolloutActor).options(num_cpus=1).remote(cfg, checkpoints["student"], i) for i in range(2)]
     cluster.get([a.weight_version.remote() for a in actors])
     return actors
-
-
-def reference_logprobs(model, rollouts) -> list[list[float]]:
-    """Per sample, the log-probs a transformers forward pass with ``model`` gives the sampled tokens."""
-    out = []
-    for g in rollouts.generations:
-        prompt = list(rollouts.prompt_ids[g.prompt_index])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([prompt + g.token_ids])).logits[0].float(), -1)
-        out.append([logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(g.token_ids)])
-    return out
 
 
 def assert_actors_sample_from(ray, actors, model, version: int) -> None:
