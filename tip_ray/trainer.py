@@ -227,11 +227,9 @@ class Trainer:
         """One step on an already launched rollout batch; returns its metrics and the launch of
         the next batch (during this step in ``overlap`` mode, after the sync in ``sync`` mode).
 
-        Raises ``LearnerFailure`` when a learner rank died and ``PoisonedWeights`` when the update
-        left non-finite weights; ``fit`` recovers from both through the last checkpoint.
+        Raises ``PoisonedWeights`` when the update left non-finite weights; ``fit`` recovers from
+        it, and from a dead learner rank, through the last checkpoint.
         """
-        import ray
-
         from tip_ray.types import TrainBatch
 
         last = step == self.cfg.trainer.steps
@@ -261,14 +259,8 @@ class Trainer:
         train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
         world = self.cfg.learner.world_size
         per_rank = train.size // world
-        try:
-            metrics, stepped = self.learner.train_step([train.rows(r * per_rank, (r + 1) * per_rank)
-                                                        for r in range(world)])
-        except ray.exceptions.RayError as exc:
-            # A rank that dies mid-collective often surfaces first as its peers' connection errors.
-            if isinstance(exc, ray.exceptions.RayActorError) or self._learner_rank_dead():
-                raise LearnerFailure(f"a learner rank died during step {step}: {exc}") from exc
-            raise
+        metrics, stepped = self.learner.train_step([train.rows(r * per_rank, (r + 1) * per_rank)
+                                                    for r in range(world)])
         times["learner"] = time.perf_counter() - t
         if stepped is None:
             self._count_bad_step(step, "NaN/inf in the teacher's log-probs or the student's statistics")
@@ -464,8 +456,9 @@ class Trainer:
                         saved_at = step
                     if ckpt.hf_every and step % ckpt.hf_every == 0 and step != cfg.steps:
                         self.export_hf(step)
-                except ray.exceptions.RayActorError as exc:
-                    if not self._is_learner(exc):
+                except ray.exceptions.RayError as exc:
+                    # A rank that dies mid-collective often surfaces first as its peers' connection errors.
+                    if not (self._is_learner(exc) or self._learner_rank_dead()):
                         raise
                     raise LearnerFailure(f"a learner rank died during step {step}: {exc}") from exc
             except (LearnerFailure, PoisonedWeights) as failure:
