@@ -33,7 +33,7 @@ def checkpoints(tmp_path_factory):
 def rollout_actors(cluster, checkpoints):
     from tip_ray.groups import RolloutActor
 
-    cfg = RolloutConfig(engine="vllm", n=2, max_new_tokens=8, max_model_len=64, dtype="float32",
+    cfg = RolloutConfig(engine="vllm", n=2, max_new_tokens=8, max_model_len=64, dtype="float32", logprobs=True,
                         gpu_memory_utilization=0.05)
     actors = [cluster.remote(RolloutActor).options(num_cpus=1).remote(cfg, checkpoints["student"], i) for i in range(2)]
     cluster.get([a.weight_version.remote() for a in actors])

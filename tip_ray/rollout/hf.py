@@ -15,13 +15,15 @@ from tip_ray.types import Generation
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How to sample: ``temperature`` 0 is greedy; ``n`` samples per prompt."""
+    """How to sample: ``temperature`` 0 is greedy; ``n`` samples per prompt; ``logprobs``: also
+    return each sampled token's log-prob (else ``Generation.logprobs`` is empty)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_p: float = 1.0
     n: int = 1
     seed: int | None = None
+    logprobs: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -95,20 +97,22 @@ class HFGenerator:
             eos_token_id=self.eos_ids,
             pad_token_id=pad,
             return_dict_in_generate=True,
-            output_scores=True,
+            output_scores=sampling.logprobs,
         )
         new_tokens = result.sequences[:, width:].cpu()
-        logprobs = torch.stack(
-            [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, i : i + 1].to(s.device)).squeeze(-1).cpu()
-             for i, s in enumerate(result.scores)],
-            dim=1,
-        )
+        if sampling.logprobs:
+            logprobs = torch.stack(
+                [torch.log_softmax(s.float(), -1).gather(-1, new_tokens[:, i : i + 1].to(s.device)).squeeze(-1).cpu()
+                 for i, s in enumerate(result.scores)],
+                dim=1,
+            )
         generations = []
         for row, (index, _) in enumerate(requests):
             ids = new_tokens[row].tolist()
             stop = next((j for j, t in enumerate(ids) if t in self.eos_ids), None)
             keep = len(ids) if stop is None else stop + 1
             generations.append(
-                Generation(index, ids[:keep], logprobs[row, :keep].tolist(), "length" if stop is None else "stop")
+                Generation(index, ids[:keep], logprobs[row, :keep].tolist() if sampling.logprobs else [],
+                           "length" if stop is None else "stop")
             )
         return generations

@@ -58,7 +58,8 @@ class RolloutWorker:
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts; give one seed per prompt")
         if sampling is None:
             sampling = SamplingSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-                                        top_p=self.cfg.top_p, n=self.cfg.n, seed=self._seed * 100_003 + self._calls)
+                                        top_p=self.cfg.top_p, n=self.cfg.n, seed=self._seed * 100_003 + self._calls,
+                                        logprobs=self.cfg.logprobs)
         if self.cfg.engine == "vllm":
             generations = self.engine.generate(prompt_ids, sampling, seeds)
         else:
