@@ -39,17 +39,29 @@ class HFScorer:
     def topk(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For ``input_ids``/``attention_mask`` [B, L]: ids [B, L-1, k] (long) and fp32 log-probs
-        [B, L-1, k] of the k most likely next tokens (ties at the k-th place to the lower id, in no
-        particular order), and the fp32 log-prob [B, L-1] of the actual next token."""
-        ids, values, sampled = [], [], []
-        for start in range(0, input_ids.shape[0], self.micro_batch_size):
-            rows = slice(start, start + self.micro_batch_size)
-            logits = self.model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits[:, :-1]
+        """For right-padded ``input_ids``/``attention_mask`` [B, L]: ids [B, L-1, k] (long) and fp32
+        log-probs [B, L-1, k] of the k most likely next tokens (ties at the k-th place to the lower
+        id, in no particular order), and the fp32 log-prob [B, L-1] of the actual next token.
+        Positions whose target is padding hold zeros (the caller fills them)."""
+        batch, length = input_ids.shape
+        ids = torch.zeros(batch, length - 1, k, dtype=torch.long)
+        values = torch.zeros(batch, length - 1, k)
+        sampled = torch.zeros(batch, length - 1)
+        # Micro-batches of similar lengths, each cut to its longest row: no compute on the batch's
+        # padding columns (right padding, causal attention: real positions are unchanged).
+        lengths = attention_mask.sum(-1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        for start in range(0, batch, self.micro_batch_size):
+            rows = order[start : start + self.micro_batch_size]
+            width = int(lengths[rows].max())
+            if width < 2:
+                continue
+            tokens = input_ids[rows, :width]
+            logits = self.model(input_ids=tokens, attention_mask=attention_mask[rows, :width]).logits[:, :-1]
             logp = torch.log_softmax(logits.float(), dim=-1)
             top = top_ids(logp, k)
-            targets = input_ids[rows, 1:].clamp(0, self.vocab_size - 1)
-            ids.append(top)
-            values.append(logp.gather(-1, top))
-            sampled.append(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
-        return torch.cat(ids), torch.cat(values), torch.cat(sampled)
+            targets = tokens[:, 1:].clamp(0, self.vocab_size - 1)
+            ids[rows, : width - 1] = top
+            values[rows, : width - 1] = logp.gather(-1, top)
+            sampled[rows, : width - 1] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return ids, values, sampled
