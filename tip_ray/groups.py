@@ -110,11 +110,8 @@ class LearnerActor:
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0")
         self.worker = LearnerWorker(*self.configs)
 
-    def forward_backward(self, batch):
-        return self.worker.forward_backward(batch)
-
-    def optim_step(self) -> dict[str, float]:
-        return self.worker.optim_step()
+    def train_step(self, batch):
+        return self.worker.train_step(batch)
 
     def export_weights(self):
         return self.worker.export_weights()
@@ -220,11 +217,8 @@ class LearnerGroup:
         Returns every rank's metrics and rank 0's optimizer report, or None when the ranks skipped
         the step together (non-finite statistics: no backward was run, no update is applied).
         """
-        metrics = ray.get([a.forward_backward.remote(s) for a, s in zip(self.actors, shards)])
-        if metrics[0].skipped:
-            return metrics, None
-        stepped = ray.get([a.optim_step.remote() for a in self.actors])
-        return metrics, stepped[0]
+        results = ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])
+        return [metrics for metrics, _ in results], results[0][1]
 
     def save_state(self, directory: str) -> None:
         """Every rank writes its part of the training state under ``directory``."""

@@ -80,9 +80,21 @@ class TrainBatch:
 
     def rows(self, start: int, stop: int) -> TrainBatch:
         """The sequences [start, stop) as a batch of their own."""
+        return self.take(torch.arange(start, min(stop, self.size)))
+
+    def take(self, index: torch.Tensor) -> TrainBatch:
+        """The sequences ``index`` [N] (in that order) as a batch of their own, cut to the longest
+        of them: columns that are padding in every chosen row are dropped."""
+        width = max(int(self.attention_mask[index].sum(-1).max()) if index.numel() else 1, 2)
         t = self.teacher
         return TrainBatch(
-            self.input_ids[start:stop], self.attention_mask[start:stop], self.loss_mask[start:stop],
-            TeacherSignal(t.topk_ids[start:stop], t.topk_logprobs[start:stop], t.sampled_logprobs[start:stop]),
+            self.input_ids[index, :width], self.attention_mask[index, :width], self.loss_mask[index, : width - 1],
+            TeacherSignal(t.topk_ids[index, : width - 1], t.topk_logprobs[index, : width - 1],
+                          t.sampled_logprobs[index, : width - 1]),
             self.policy_version,
         )
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens per sequence [B] (the attention mask's row sums)."""
+        return self.attention_mask.sum(-1)

@@ -29,6 +29,18 @@ def test_learner_accumulation_steps():
 
 
 @pytest.mark.parametrize(
+    "kwargs, single",
+    [
+        ({}, False),
+        ({"single_forward": True}, True),
+        ({"single_forward": True, "zero_stage": 3}, False),  # ZeRO-3 always runs two passes
+    ],
+)
+def test_single_forward_resolution(kwargs, single):
+    assert LearnerConfig(model="m", world_size=2, **kwargs).uses_single_forward is single
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"rule": "sofort"}, "unknown selection rule 'sofort'"),

@@ -5,12 +5,14 @@ group whose rendezvous is in the environment (MASTER_ADDR, MASTER_PORT, RANK, WO
 
 One optimizer step::
 
-    forward_backward(batch)   pass 1, no gradient: backbone -> hidden states -> per-token
-                              statistics (chunked lm_head); gather the statistics of every rank
-                              and select over the global batch (budget B is global); pass 2,
-                              with gradient: backbone -> lean kept-token loss -> backward, one
-                              micro-batch at a time (gradient accumulation)
+    forward_backward(batch)   pass 1: backbone -> hidden states -> per-token statistics
+                              (chunked lm_head, no gradient); gather the statistics of every
+                              rank and select over the global batch (budget B is global);
+                              pass 2: lean kept-token loss -> backward, one micro-batch at a
+                              time (gradient accumulation). Pass 2 reuses pass 1's hidden states
+                              and graph (``learner.single_forward``) or runs the backbone again.
     optim_step()              clip, step, schedule
+    train_step(batch)         both, in one call (what the Ray actor runs each step)
     export_weights()          the full student weights (gathered from ZeRO-3 shards)
 
 Each rank's loss is its share of the global kept-token mean, scaled by the world size because
@@ -182,40 +184,48 @@ class LearnerWorker:
         return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[:, :-1]
 
     def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
+        """The rank's sequences, longest first, in micro-batches each cut to its longest row (no
+        compute on columns that are padding in the whole micro-batch)."""
         per_rank = self.cfg.global_batch_size // self.cfg.world_size
         if batch.size != per_rank:
             raise ValueError(f"a learner rank takes global_batch_size / world_size = {per_rank} sequences, "
                              f"got {batch.size}")
         size = self.cfg.micro_batch_size
-        return [batch.rows(i, i + size) for i in range(0, batch.size, size)]
+        order = torch.argsort(batch.lengths, descending=True, stable=True)
+        return [batch.take(order[i : i + size]) for i in range(0, batch.size, size)]
 
-    @torch.no_grad()
-    def _statistics(self, micro: list[TrainBatch]) -> list[TokenStats] | None:
-        """Per-token statistics of every micro-batch, or None on every rank if any rank saw NaN/inf
-        in its hidden states or teacher log-probs (every rank still runs every forward: ZeRO-3
-        gathers parameters collectively)."""
-        stats, finite, error = [], True, None
+    def _statistics(
+        self, micro: list[TrainBatch], keep_graph: bool
+    ) -> tuple[list[TokenStats], list[torch.Tensor | None]] | None:
+        """Per-token statistics of every micro-batch, and its hidden states with their graph when
+        ``keep_graph`` (else None each: the gradient pass runs the backbone again). None on every
+        rank if any rank saw NaN/inf in its hidden states or teacher log-probs (every rank still
+        runs every forward: ZeRO-3 gathers parameters collectively)."""
+        stats, hiddens, finite, error = [], [], True, None
         for mb in micro:
-            hidden = self._hidden(mb)
+            with contextlib.nullcontext() if keep_graph else torch.no_grad():
+                hidden = self._hidden(mb)
+            hiddens.append(hidden if keep_graph else None)
             mask = mb.loss_mask
-            finite = finite and all(bool(torch.isfinite(t[mask]).all())
-                                    for t in (hidden, mb.teacher.topk_logprobs, mb.teacher.sampled_logprobs))
-            # Every rank enters the gather for every micro-batch (under ZeRO-3 it is a collective),
-            # whatever it then computes.
-            with self._lm_head() as (weight, bias):
-                if not finite or error is not None:
-                    continue
-                try:
-                    stats.append(token_stats_from_hidden(
-                        hidden.float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
-                        lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
-                        chunk_rows=self.cfg.chunk_rows))
-                except ValueError as exc:  # bad input on this rank: every rank must hear of it
-                    error = error or str(exc)
+            with torch.no_grad():
+                finite = finite and all(bool(torch.isfinite(t[mask]).all())
+                                        for t in (hidden, mb.teacher.topk_logprobs, mb.teacher.sampled_logprobs))
+                # Every rank enters the gather for every micro-batch (under ZeRO-3 it is a collective),
+                # whatever it then computes.
+                with self._lm_head() as (weight, bias):
+                    if not finite or error is not None:
+                        continue
+                    try:
+                        stats.append(token_stats_from_hidden(
+                            hidden.detach().float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
+                            lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
+                            chunk_rows=self.cfg.chunk_rows))
+                    except ValueError as exc:  # bad input on this rank: every rank must hear of it
+                        error = error or str(exc)
         if not _all_ranks_agree(error is None):
             raise ValueError(f"learner rank {dist.get_rank()}: " + (error or "another rank rejected its batch"))
         finite = finite and all(_finite_on_mask(st) for st in stats)
-        return stats if _all_ranks_agree(finite) else None
+        return (stats, hiddens) if _all_ranks_agree(finite) else None
 
     def _select(
         self, micro: list[TrainBatch], stats: list[TokenStats]
@@ -262,10 +272,11 @@ class LearnerWorker:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         micro = self._micro_batches(batch)
-        stats = self._statistics(micro)
-        if stats is None:
+        measured = self._statistics(micro, keep_graph=self.cfg.uses_single_forward)
+        if measured is None:
             # NaN/inf in the student's or the teacher's numbers: no backward, no step, on any rank.
             return self._skipped_metrics(micro)
+        stats, hiddens = measured
         weights, table, local_weights = self._select(micro, stats)
         world = dist.get_world_size()
 
@@ -276,7 +287,8 @@ class LearnerWorker:
 
         loss_sum = 0.0
         for i, (mb, w) in enumerate(zip(micro, weights)):
-            hidden = self._hidden(mb)
+            hidden = hiddens[i] if hiddens[i] is not None else self._hidden(mb)
+            hiddens[i] = None  # the graph is freed by its backward
             with self._lm_head() as (weight, bias):
                 loss = kept_token_loss(
                     hidden, weight, mb.teacher, mb.targets, w.to(hidden.dtype), mb.loss_mask, lm_head_bias=bias,
@@ -319,6 +331,12 @@ class LearnerWorker:
                            quadrant_shares=quadrants(flat_stats).shares, entropy_mean=mean(entropy),
                            entropy_kept_mean=mean(entropy[kept_mask]), rkl_mean=mean(rkl),
                            rkl_kept_mean=mean(rkl[kept_mask]))
+
+    def train_step(self, batch: TrainBatch) -> tuple[StepMetrics, dict[str, float] | None]:
+        """``forward_backward`` then ``optim_step`` (one call per rank and step); the optimizer
+        report is None when the ranks skipped the step together."""
+        metrics = self.forward_backward(batch)
+        return metrics, None if metrics.skipped else self.optim_step()
 
     def optim_step(self) -> dict[str, float]:
         """Apply the accumulated gradient (clipping, optimizer, schedule); returns lr and grad norm."""
