@@ -72,14 +72,15 @@ def test_no_overrides_is_the_embedded_default():
             r.gpu_memory_utilization) == ("vllm", 1, 1, 1.0, 96, 256, "float32", 0.05)
     ln = cfg.learner
     assert (ln.model, ln.world_size, ln.zero_stage, ln.dtype, ln.lr, ln.lr_schedule, ln.global_batch_size,
-            ln.micro_batch_size, ln.chunk_rows) == ("runs/embedded/student", 2, 2, "fp32", 3.0e-4, "constant", 32, 8, 512)
+            ln.micro_batch_size, ln.chunk_rows, ln.uses_single_forward) == \
+        ("runs/embedded/student", 2, 2, "fp32", 3.0e-4, "constant", 32, 8, 512, True)
     s = cfg.selection
     assert (s.rule, s.ratio, s.direction, s.scope, s.params, s.rock_file) == ("soft_or", 0.5, "top", "global", {}, None)
     assert (cfg.loss.kind, cfg.loss.normalization) == ("rkl", "kept")
     c = cfg.cluster
-    assert (c.address, c.num_cpus, c.num_gpus) == (None, 4, None)
-    for pool in (c.rollout, c.teacher, c.learner):
-        assert (pool.cpus, pool.gpus, pool.resources, pool.strategy) == (1.0, 0.0, {}, "PACK")
+    assert (c.address, c.num_cpus, c.num_gpus) == (None, 6, None)
+    for pool, cpus in ((c.rollout, 2.0), (c.teacher, 2.0), (c.learner, 1.0)):
+        assert (pool.cpus, pool.gpus, pool.resources, pool.strategy) == (cpus, 0.0, {}, "PACK")
     t = cfg.trainer
     assert (t.steps, t.prompts_per_step, t.sync_every, t.eval_every, t.eval_max_new_tokens, t.output_dir, t.mode) == \
         (100, 32, 1, 25, 96, "runs/train", "sync")
@@ -195,7 +196,7 @@ def test_every_preset_composes_on_every_layout(experiment, layout):
         assert all(0 < p.gpus <= GPUS_PER_NODE for p in _pools(cfg))
         check_fits(_pools(cfg), {"GPU": float(LAYOUT_GPUS[chosen]), "CPU": math.inf})
     else:
-        assert all(p.gpus == 0 for p in _pools(cfg)) and cfg.cluster.num_cpus == 4
+        assert all(p.gpus == 0 for p in _pools(cfg)) and cfg.cluster.num_cpus == 6
 
 
 def test_the_70b_teacher_is_tensor_parallel_on_both_gpu_layouts():
