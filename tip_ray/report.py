@@ -468,10 +468,11 @@ def _rock_text(rock_file: str, shown: str) -> str:
             f"vocabulary. The rocks are {100 * sum(rocks.frequency):.1f}% of the sampled tokens.")
 
 
-def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
+def reproduce_commands(records: Sequence[RunRecord], notes: str | None = None) -> list[str]:
     """The commands that rebuild the sweep from a checkout, as they were run (paths relative to
     the directory the sweep ran in): the rock set if an arm used one, the sweep with its shared
-    overrides, seeds and arms, and this report. Empty if no run records its command."""
+    overrides, seeds and arms, and this report (with its ``notes`` file, if any). Empty if no run
+    records its command."""
     from tip_ray.sweep import is_per_run
 
     run = next((r for r in records if r.command), None)
@@ -503,13 +504,15 @@ def reproduce_commands(records: Sequence[RunRecord]) -> list[str]:
             pass
         sweep += ["--rock-file", shown]
     lines.append(shlex.join(sweep + [o for o in overrides if not is_per_run(o)]))
-    lines.append(f"tip-ray report --root {shlex.quote(str(root))} --out docs/results.md")
+    report = f"tip-ray report --root {shlex.quote(str(root))} --out docs/results.md"
+    lines.append(report + (f" --notes {shlex.quote(notes)}" if notes else ""))
     return lines
 
 
 def render(summaries: Sequence[ArmSummary], records: Sequence[RunRecord], figures: dict[str, str],
-           command: str) -> str:
-    """The markdown page."""
+           command: str, notes: tuple[str, str] | None = None) -> str:
+    """The markdown page; ``notes`` (path, markdown text): hand-written analysis placed after the
+    generated findings, under its own heading."""
     rock_file = next((r.config.get("selection", {}).get("rock_file") for r in records
                       if r.config.get("selection", {}).get("rock_file")), None)
     claims = check_claims(summaries)
@@ -524,7 +527,7 @@ def render(summaries: Sequence[ArmSummary], records: Sequence[RunRecord], figure
         "The whole experiment, from the repository root:",
         "",
         "```bash",
-        *(reproduce_commands(records) or [command]),
+        *(reproduce_commands(records, notes[0] if notes else None) or [command]),
         "```",
         "",
         "## Setup",
@@ -565,6 +568,7 @@ def render(summaries: Sequence[ArmSummary], records: Sequence[RunRecord], figure
         *(f"- {title} ({len(cs)}): " + ("; ".join(c.statement for c in cs) or "none") + "." for title, cs in groups),
         "",
         *collapse_notes(summaries),
+        *([f"## Analysis (hand-written, from `{notes[0]}`)", "", notes[1].strip(), ""] if notes else []),
         "Scale caveat: the papers distil Qwen3 8B/4B -> 4B/1.7B on competition math with thousands of response "
         "tokens; here a 0.43M-parameter student learns column arithmetic from a 1.77M-parameter teacher with "
         "about 50-token responses, so agreement is in kind, not in size.",
@@ -597,8 +601,15 @@ def collapse_notes(summaries: Sequence[ArmSummary]) -> list[str]:
 DEFAULT_COMMAND = "tip-ray report --root runs/sweep --out docs/results.md"
 
 
-def write_report(root: str | Path, out: str | Path, command: str = DEFAULT_COMMAND) -> Path:
-    """Read the sweep under ``root`` and write ``out`` (markdown) plus ``figures/`` beside it."""
+def write_report(root: str | Path, out: str | Path, command: str = DEFAULT_COMMAND,
+                 notes: str | Path | None = None) -> Path:
+    """Read the sweep under ``root`` and write ``out`` (markdown) plus ``figures/`` beside it,
+    with the markdown file ``notes`` (hand-written analysis) included if given."""
+    note = None
+    if notes is not None:
+        if not Path(notes).is_file():
+            raise ReportError(f"--notes {notes}: no such file")
+        note = (str(notes), Path(notes).read_text())
     records = collect_runs(root)
     summaries = summarize(records)
     out = Path(out)
@@ -607,7 +618,7 @@ def write_report(root: str | Path, out: str | Path, command: str = DEFAULT_COMMA
     budget = plot_budget(summaries, figures_dir / "sweep_accuracy_vs_budget.png")
     figures = {"curves": str(curves.relative_to(out.parent)), "budget": str(budget.relative_to(out.parent))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(summaries, records, figures, command))
+    out.write_text(render(summaries, records, figures, command, note))
     return out
 
 
@@ -623,12 +634,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The report's options (shared by ``tip-ray report`` and ``python -m tip_ray.report``)."""
     parser.add_argument("--root", default="runs/sweep", help="sweep root (default: runs/sweep)")
     parser.add_argument("--out", default="docs/results.md", help="markdown file; figures go to its figures/ folder")
+    parser.add_argument("--notes", help="a markdown file of hand-written analysis to include (kept across reruns)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Write the report and print the table."""
     try:
-        path = write_report(args.root, args.out, f"tip-ray report --root {args.root} --out {args.out}")
+        command = f"tip-ray report --root {args.root} --out {args.out}" + (f" --notes {args.notes}" if args.notes else "")
+        path = write_report(args.root, args.out, command, args.notes)
     except ReportError as exc:
         raise SystemExit(f"tip-ray report: {exc}") from None
     print(results_table(summarize(collect_runs(args.root))))

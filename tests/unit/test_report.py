@@ -121,6 +121,16 @@ def test_the_report_page_and_figures_are_written(sweep, tmp_path):
         assert f"(figures/{name})" in text
 
 
+def test_hand_written_notes_are_included_and_named_in_the_commands(sweep, tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("soft_or bottom collapses because ...\n")
+    text = write_report(sweep, tmp_path / "results.md", notes=notes).read_text()
+    assert f"## Analysis (hand-written, from `{notes}`)" in text and "soft_or bottom collapses because ..." in text
+    assert f"tip-ray report --root sweep --out docs/results.md --notes {notes}" in text
+    with pytest.raises(ReportError, match="no such file"):
+        write_report(sweep, tmp_path / "other.md", notes=tmp_path / "missing.md")
+
+
 def test_unreadable_runs_are_named(tmp_path):
     run = write_run(tmp_path, "all_100", 0, "all", 1.0, 0.5)
     (run / "metrics.jsonl").write_text("{broken\n")
