@@ -101,8 +101,10 @@ def build_models(preset: Preset, directory: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def overrides(preset: Preset, student: Path, teacher: Path, rule: str, ratio: float, out: Path) -> list[str]:
-    """Hydra overrides of one run."""
+def overrides(preset: Preset, student: Path, teacher: Path, rule: str, ratio: float, out: Path,
+              single_forward: bool = False) -> list[str]:
+    """Hydra overrides of one run (``learner.single_forward`` pinned: the pair group's default is
+    for the embedded student)."""
     return [
         f"student={student}", f"teacher.model={teacher}", f"teacher.top_k={preset.teacher_top_k}",
         "teacher.micro_batch_size=4", f"trainer.steps={preset.steps}", f"trainer.prompts_per_step={preset.prompts_per_step}",
@@ -110,13 +112,13 @@ def overrides(preset: Preset, student: Path, teacher: Path, rule: str, ratio: fl
         "learner.world_size=2", "learner.zero_stage=2", f"learner.chunk_rows={preset.chunk_rows}",
         f"rollout.max_new_tokens={preset.max_new_tokens}", "rollout.max_model_len=256",
         f"selection.rule={rule}", f"selection.ratio={ratio}", "trainer.eval_every=0", "eval_data=null",
-        "logger.wandb=false", f"trainer.output_dir={out}",
+        "logger.wandb=false", f"trainer.output_dir={out}", f"learner.single_forward={str(single_forward).lower()}",
     ]
 
 
-def run_case(preset: Preset, student: Path, teacher: Path, rule: str, ratio: float) -> dict:
+def run_case(preset: Preset, student: Path, teacher: Path, rule: str, ratio: float, single_forward: bool = False) -> dict:
     """One `tip-ray train` process; the learner peak and step facts from its metrics.jsonl."""
-    name = f"v{preset.vocab}-chunk{preset.chunk_rows}-{rule}-{ratio:g}"
+    name = f"v{preset.vocab}-chunk{preset.chunk_rows}-{rule}-{ratio:g}" + ("-single" if single_forward else "")
     out = WORKDIR / "runs" / name
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,7 @@ def run_case(preset: Preset, student: Path, teacher: Path, rule: str, ratio: flo
     start = time.perf_counter()
     with log.open("w") as f:
         code = subprocess.run([sys.executable, "-m", "tip_ray.cli", "train",
-                               *overrides(preset, student, teacher, rule, ratio, out)],
+                               *overrides(preset, student, teacher, rule, ratio, out, single_forward)],
                               cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-40:])
@@ -168,17 +170,20 @@ def main() -> int:
     parser.add_argument("--chunk-rows", type=int, help="override the preset's learner.chunk_rows")
     parser.add_argument("--ratios", type=float, nargs="+", help="soft_or ratios to run after `all` "
                         "(default: 1.0 0.5 0.2 0.1)")
+    parser.add_argument("--single-forward", action="store_true",
+                        help="learner.single_forward=true (one backbone pass, graph held during the statistics)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if args.chunk_rows:
         preset = replace(preset, chunk_rows=args.chunk_rows)
     cases = CASES if not args.ratios else (("all", 1.0), *(("soft_or", r) for r in args.ratios))
-    name = args.preset if not args.chunk_rows else f"{args.preset}-chunk{args.chunk_rows}"
+    name = (args.preset if not args.chunk_rows else f"{args.preset}-chunk{args.chunk_rows}") + \
+        ("-single" if args.single_forward else "")
     WORKDIR.mkdir(parents=True, exist_ok=True)
     student, teacher = build_models(preset, WORKDIR / "models")
     results = []
     for rule, ratio in cases:
-        results.append(run_case(preset, student, teacher, rule, ratio))
+        results.append(run_case(preset, student, teacher, rule, ratio, args.single_forward))
         r = results[-1]
         print(f"  {rule:<8} ratio {ratio:<4}: learner peak {r['learner_peak_memory_mb']:8.0f} MiB "
               f"({r['wall_seconds']:.0f} s wall)", file=sys.stderr, flush=True)

@@ -32,8 +32,11 @@ Usage:
     python bench/trl_comparison.py                   # 12 optimizer steps per side
     python bench/trl_comparison.py --steps 20 --warmup-steps 3
     python bench/trl_comparison.py --startup-profile # plus one tip_ray run with its start-up timed
-Prints a table and writes bench/results/trl_comparison.json (run directories under
-bench/results/trl_comparison/). Target: tip_ray with `all` >= 1.5x TRL's response tokens/s.
+    python bench/trl_comparison.py --repeats 3       # every case 3 times, interleaved, steps pooled
+    python bench/scaled_pair.py --out runs/bench_pair/m && python bench/trl_comparison.py \
+        --student runs/bench_pair/m/student --teacher runs/bench_pair/m/teacher --tag m   # a bigger pair
+Prints a table and writes bench/results/trl_comparison[-TAG].json (run directories under
+bench/results/trl_comparison[-TAG]/). Target: tip_ray with `all` >= 1.5x TRL's response tokens/s.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path, mode:
         f"rollout.max_new_tokens={setup.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_p=1.0",
         "rollout.n=1", "loss.kind=rkl", f"selection.rule={rule}", f"selection.ratio={ratio}",
         "trainer.eval_every=0", "eval_data=null", "logger.wandb=false", f"trainer.output_dir={output_dir}",
+        # local_cpu gives the rollout engine and the teacher 2 threads for the sync mode's
+        # turn-taking; in overlap mode they run side by side and 2 threads each oversubscribe the 2 cores.
+        *(["cluster.rollout.cpus=1", "cluster.teacher.cpus=1"] if mode == "overlap" else []),
     ]
 
 
@@ -223,9 +229,21 @@ def summarize(run: dict, warmup: int, sequences_per_step: int) -> dict:
         "phase_seconds_per_step": {k[5:]: sum(s[k] for s in steady) / len(steady) for k in phases},
         "truncated_share": sum(s["truncated"] for s in steady) / (len(steady) * sequences_per_step),
         "wall_seconds": run["wall_seconds"],
+        "repeats": run.get("repeats", 1),
         "load_average_before_after": run["load_average"],
-        "outside_steps_seconds": run["wall_seconds"] - sum(s["seconds"] for s in run["steps"]),
+        "outside_steps_seconds": run["wall_seconds"] - sum(s["seconds"] for s in run["steps"]) / run.get("repeats", 1),
     }
+
+
+def merge_repeats(runs: list[dict]) -> dict:
+    """One record for repeated runs of a case: every run's steps pooled (each run's warm-up steps
+    are still left out by ``summarize``), the mean wall time, the lowest load before and the
+    highest after."""
+    if len(runs) == 1:
+        return runs[0]
+    return {"name": runs[0]["name"], "repeats": len(runs), "wall_seconds": statistics.mean(r["wall_seconds"] for r in runs),
+            "load_average": (min(r["load_average"][0] for r in runs), max(r["load_average"][1] for r in runs)),
+            "steps": [step for r in runs for step in r["steps"]]}
 
 
 def report(setup: Setup, summaries: list[dict]) -> dict:
@@ -240,8 +258,9 @@ def report(setup: Setup, summaries: list[dict]) -> dict:
             s[f"{kind}_throughput_vs_trl"] = (s[f"{kind}_step_response_tokens_per_second"]
                                               / trl[f"{kind}_step_response_tokens_per_second"])
         s["step_time_vs_trl"] = s["seconds_per_step"] / trl["seconds_per_step"]
-    table = Table(title=f"on-policy distillation, embedded pair: {setup.prompts_per_step} prompts/step, "
-                        f"max_new_tokens {setup.max_new_tokens}, steps {setup.warmup_steps + 1}-{setup.steps} measured")
+    table = Table(title=f"on-policy distillation, {setup.student} <- {setup.teacher}: {setup.prompts_per_step} "
+                        f"prompts/step, max_new_tokens {setup.max_new_tokens}, steps {setup.warmup_steps + 1}-"
+                        f"{setup.steps} of each run measured")
     for col in ("run", "s/step", "median", "best", "rollout", "teacher", "learner", "sync", "resp tok/step",
                 "resp tok/s", "trained tok/s", "x TRL", "x TRL median", "x TRL best", "startup+teardown s", "load 1m"):
         table.add_column(col, justify="right")
@@ -277,6 +296,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--student", default="runs/embedded/student")
     parser.add_argument("--teacher", default="runs/embedded/teacher")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of every case (interleaved); each case's steps are pooled over its rounds")
+    parser.add_argument("--tag", default="", help="suffix of the result file and run folder (another pair, say)")
     parser.add_argument("--startup-profile", action="store_true",
                         help="also run tip_ray once more with its start-up split into parts")
     parser.add_argument("--startup-profile-case", help=argparse.SUPPRESS)
@@ -286,6 +308,8 @@ def main() -> int:
         return 0
     if args.warmup_steps >= args.steps:
         parser.error("--warmup-steps must be below --steps")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     for path in (args.student, args.teacher):
         if not (ROOT / path / "config.json").is_file():
             raise SystemExit(f"{path} is missing: run `tip-ray prepare-demo` first")
@@ -294,29 +318,34 @@ def main() -> int:
     setup = Setup(args.steps, args.warmup_steps, args.prompts_per_step, args.micro_batch_size, args.max_new_tokens,
                   args.lr, args.student, args.teacher)
 
-    workdir = RESULTS / "trl_comparison"
+    name = "trl_comparison" + (f"-{args.tag}" if args.tag else "")
+    workdir = RESULTS / name
     workdir.mkdir(parents=True, exist_ok=True)
     prompts = workdir / "prompts.jsonl"
     print(f"wrote {write_prompts(setup, prompts)} prompts to {prompts.relative_to(ROOT)}", file=sys.stderr)
-    runs = []
     # TRL twice: torch's default threads (one per core) and one thread, which on a small model
     # can be faster (no cross-thread synchronisation per tiny kernel); the faster is the baseline.
-    for name, runner in (("trl", lambda: run_trl(setup, prompts, workdir, None)),
-                         ("tip_ray-all", lambda: run_tip(setup, "tip_ray-all", "all", 1.0, workdir)),
-                         ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
-                         ("tip_ray-soft_or-0.5", lambda: run_tip(setup, "tip_ray-soft_or-0.5", "soft_or", 0.5, workdir)),
-                         ("tip_ray-all-overlap",
-                          lambda: run_tip(setup, "tip_ray-all-overlap", "all", 1.0, workdir, "overlap"))):
-        print(f"  running {name} ...", file=sys.stderr, flush=True)
-        runs.append(runner())
-        print(f"  {name}: {runs[-1]['wall_seconds']:.0f} s wall", file=sys.stderr, flush=True)
+    cases = (("trl", lambda: run_trl(setup, prompts, workdir, None)),
+             ("tip_ray-all", lambda: run_tip(setup, "tip_ray-all", "all", 1.0, workdir)),
+             ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
+             ("tip_ray-soft_or-0.5", lambda: run_tip(setup, "tip_ray-soft_or-0.5", "soft_or", 0.5, workdir)),
+             ("tip_ray-all-overlap", lambda: run_tip(setup, "tip_ray-all-overlap", "all", 1.0, workdir, "overlap")),
+             ("tip_ray-soft_or-0.5-overlap",
+              lambda: run_tip(setup, "tip_ray-soft_or-0.5-overlap", "soft_or", 0.5, workdir, "overlap")))
+    rounds: dict[str, list[dict]] = {case: [] for case, _ in cases}
+    for round_index in range(args.repeats):
+        for case, runner in cases:
+            print(f"  running {case} (round {round_index + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+            rounds[case].append(runner())
+            print(f"  {case}: {rounds[case][-1]['wall_seconds']:.0f} s wall", file=sys.stderr, flush=True)
+    runs = [merge_repeats(r) for r in rounds.values()]
     doc = report(setup, [summarize(r, setup.warmup_steps, setup.prompts_per_step) for r in runs])
-    doc["raw"] = runs
     if args.startup_profile:
         print("  running the tip_ray start-up profile ...", file=sys.stderr, flush=True)
         doc["tip_ray_startup_profile"] = profile = run_startup_profile(setup, workdir)
         print("tip_ray start-up (s): " + ", ".join(f"{k} {v:.1f}" for k, v in profile.items()))
-    out = RESULTS / "trl_comparison.json"
+    doc["raw"] = {case: r for case, r in rounds.items()}
+    out = RESULTS / f"{name}.json"
     out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0 if doc["meets_target"] else 1
