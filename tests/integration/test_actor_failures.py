@@ -162,7 +162,8 @@ def test_training_survives_a_killed_rollout_actor_and_a_killed_teacher_actor(clu
         f"eval_data.path={data / 'test.jsonl'}", "eval_data.limit=8", "trainer.steps=3", "trainer.prompts_per_step=8",
         "rollout.num_workers=2", "rollout.engine=vllm", "rollout.max_new_tokens=48", "teacher.num_workers=2",
         "learner.world_size=1", "learner.global_batch_size=8", "learner.micro_batch_size=4",
-        "faults.actor_timeout_s=120", "logger.wandb=false", f"trainer.output_dir={run_dir}"])
+        "faults.actor_timeout_s=120", "logger.wandb=false", f"trainer.output_dir={run_dir}",
+        "cluster.rollout.cpus=1", "cluster.teacher.cpus=1"])  # 2 + 2 + 1 actors on the fixture's 6 CPUs
     trainer = Trainer(cfg)
     try:
         rollout, teacher = trainer.rollout_pool.actors, trainer.teacher_pool.actors
