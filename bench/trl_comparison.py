@@ -10,8 +10,8 @@ side (tip_ray writes its final checkpoint after the last step, outside the timed
 
 - tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed ZeRO-2
   learner on Ray, weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
-  0.5 in ``trainer.mode=sync``, and `all` in ``trainer.mode=overlap`` (step t+1's rollouts
-  generated while the learner trains on step t: one update stale, so not strictly on-policy).
+  0.5, each in ``trainer.mode=sync`` and ``trainer.mode=overlap`` (step t+1's rollouts generated
+  while the learner trains on step t: one update stale, so not strictly on-policy).
 - TRL: ``DistillationTrainer`` (on-policy: the student samples every completion with
   ``transformers`` ``generate``; teacher and student in one process), run by
   ``bench/trl_worker.py`` inside ``bench/.venv-trl`` (``bench/setup_trl_env.sh`` makes it), once
