@@ -30,19 +30,20 @@ def prompts(tok, texts):
 def test_greedy_is_deterministic_and_marks_truncation(engine):
     gen, tok, _ = engine
     ps = prompts(tok, ["12+3=", "4*5=", "999+1="])
-    a = gen.generate(ps, SamplingSettings(max_new_tokens=5, temperature=0.0))
-    b = gen.generate(ps, SamplingSettings(max_new_tokens=5, temperature=0.0))
+    a = gen.generate(ps, SamplingSettings(max_new_tokens=5, temperature=0.0, logprobs=True))
+    b = gen.generate(ps, SamplingSettings(max_new_tokens=5, temperature=0.0))  # log-probs off: same tokens
     assert [g.token_ids for g in a] == [g.token_ids for g in b]
     assert [g.prompt_index for g in a] == [0, 1, 2]
     for g in a:
         assert len(g.token_ids) <= 5 and len(g.logprobs) == len(g.token_ids)
         assert g.finish_reason == ("stop" if g.token_ids[-1] == tok.eos_token_id else "length")
+    assert all(g.logprobs == [] for g in b)
 
 
 def test_sampled_logprobs_match_a_teacher_forced_forward_pass(engine):
     gen, tok, model = engine
     ps = prompts(tok, ["12+3=", "77*2="])
-    outs = gen.generate(ps, SamplingSettings(max_new_tokens=6, temperature=1.0, n=2, seed=3))
+    outs = gen.generate(ps, SamplingSettings(max_new_tokens=6, temperature=1.0, n=2, seed=3, logprobs=True))
     assert [g.prompt_index for g in outs] == [0, 0, 1, 1]
     for g in outs:
         ids = torch.tensor([ps[g.prompt_index] + g.token_ids])

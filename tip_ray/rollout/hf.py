@@ -23,7 +23,7 @@ class SamplingSettings:
     top_p: float = 1.0
     n: int = 1
     seed: int | None = None
-    logprobs: bool = True
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
