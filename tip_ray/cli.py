@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tip_ray
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 _STACK = ("torch", "transformers", "ray", "deepspeed", "vllm", "hydra", "wandb", "safetensors")
 
 
@@ -47,7 +47,7 @@ def _prepare_demo(args: argparse.Namespace) -> int:
 
 
 def compose(config_name: str, overrides: list[str]):
-    """Compose ``conf/<config_name>.yaml`` with Hydra overrides into its typed config object.
+    """Compose ``tip_ray/conf/<config_name>.yaml`` with Hydra overrides into its typed config object.
 
     A typo, a wrong type or a value out of range is reported before anything heavy starts.
     """
@@ -70,6 +70,14 @@ def compose(config_name: str, overrides: list[str]):
         raise SystemExit(f"tip-ray {config_name}: {exc}") from None
 
 
+def _print_job(cfg) -> int:
+    """Print a composed, validated config as YAML (``--cfg job``, as Hydra's own flag does)."""
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a held-out prompt set (Hydra overrides as arguments)."""
     from tip_ray.checkpoints import CheckpointError
@@ -77,6 +85,8 @@ def _eval(args: argparse.Namespace) -> int:
     from tip_ray.eval.run import run_eval
 
     cfg = compose("eval", args.overrides)
+    if args.cfg:
+        return _print_job(cfg)
     try:
         run_eval(cfg)
     except (CheckpointError, DataError) as exc:
@@ -86,6 +96,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     """On-policy distillation with token selection (Hydra overrides as arguments)."""
+    cfg = compose("train", args.overrides)
+    if args.cfg:
+        return _print_job(cfg)
     import ray
 
     from tip_ray.checkpoints import CheckpointError
@@ -93,7 +106,6 @@ def _train(args: argparse.Namespace) -> int:
     from tip_ray.groups import ResourceError
     from tip_ray.trainer import Trainer
 
-    cfg = compose("train", args.overrides)
     try:
         trainer = Trainer(cfg)
     except (CheckpointError, DataError, ResourceError, ValueError) as exc:
@@ -211,9 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(run=_prepare_demo)
     ev = commands.add_parser("eval", help="evaluate a checkpoint on held-out prompts (Hydra overrides: key=value)")
     ev.add_argument("overrides", nargs="*", help="e.g. model=runs/embedded/teacher data=math500 data.path=...")
+    ev.add_argument("--cfg", choices=["job"], help="print the composed, validated config and exit")
     ev.set_defaults(run=_eval)
     tr = commands.add_parser("train", help="on-policy distillation with token selection (Hydra overrides)")
     tr.add_argument("overrides", nargs="*", help="e.g. selection.rule=entropy_topk learner.zero_stage=3")
+    tr.add_argument("--cfg", choices=["job"], help="print the composed, validated config and exit (starts nothing)")
     tr.set_defaults(run=_train)
     rk = commands.add_parser("rocks", help="build the rock set of rock_freeze from student rollouts (train overrides)")
     rk.add_argument("--out", default="runs/embedded/rocks.json", help="rock file (default: runs/embedded/rocks.json)")

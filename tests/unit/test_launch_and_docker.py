@@ -26,7 +26,7 @@ CLUSTER_DOC = ROOT / "docs" / "cluster.md"
 LOCK = ROOT / "requirements" / "lock-cpu.txt"
 SECRET_NAMES = ("WANDB_API_KEY", "HF_TOKEN", "RAY_AUTH_TOKEN")
 # What submit.sh and slurm.sbatch put before the user's overrides: join the running cluster.
-JOIN = ["cluster.address=auto", "cluster.num_cpus=null", "cluster.num_gpus=null"]
+JOIN = ["cluster.address=auto", "cluster.num_cpus=null", "cluster.num_gpus=null", "cluster.object_store_memory=null"]
 
 
 def _shell_scripts() -> list[Path]:
@@ -365,7 +365,9 @@ def test_dockerfile_common_shape(name):
     assert re.search(r'^ENTRYPOINT \["tip-ray"\]$', text, re.M)
     users = re.findall(r"^USER (\S+)$", text, re.M)
     assert users and users[-1] not in ("root", "0"), "the image runs as a non-root user"
-    assert "pip install --no-deps --no-build-isolation -e ." in text  # the project, as `make install` does
+    # The project as a wheel (the configs ship inside it, tests/integration/test_wheel_install.py), not editable.
+    assert "pip install --no-deps --no-build-isolation . " in text and " -e ." not in text
+    assert "COPY conf" not in text
     for copied in re.findall(r"^COPY (?!--)(.+) \S+$", text, re.M):
         for source in copied.split():
             assert (ROOT / source).exists(), f"{name} copies {source}, which is missing"
@@ -396,7 +398,7 @@ def test_dockerignore_keeps_what_the_images_copy():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "runs", "wandb"} <= ignored
-    assert not ignored & {"requirements", "pyproject.toml", "README.md", "tip_ray", "conf"}
+    assert not ignored & {"requirements", "pyproject.toml", "README.md", "tip_ray"}
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.gpu"])

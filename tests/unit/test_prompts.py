@@ -28,7 +28,7 @@ from tip_ray.data.prompts import (
     read_rows,
 )
 
-CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
+CONF_DATA = Path(__file__).resolve().parents[2] / "tip_ray" / "conf" / "data"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
