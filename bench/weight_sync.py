@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -65,13 +64,6 @@ def build_checkpoint(size: Size, path: Path) -> tuple[str, int, int]:
     return str(path), params, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def engine_memory_fraction(model_bytes: int) -> float:
-    """``gpu_memory_utilization`` for a CPU vLLM actor: on the CPU build it is the fraction of RAM the
-    whole worker process may use (libraries, weights, a small KV cache)."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return min(0.9, (1.3 * 2**30 + 2 * model_bytes + 0.25 * 2**30) / total)
-
-
 def measure_size(name: str, size: Size, tmp: Path, args) -> dict:
     """Median seconds per sync of both transports for one model size."""
     import ray
@@ -81,8 +73,8 @@ def measure_size(name: str, size: Size, tmp: Path, args) -> dict:
     from tip_ray.sync import ObjectStoreTransport, make_transport, sync_weights
 
     path, params, model_bytes = build_checkpoint(size, tmp / name)
-    rollout = RolloutConfig(engine="vllm", max_new_tokens=8, max_model_len=64, dtype="float32",
-                            gpu_memory_utilization=engine_memory_fraction(model_bytes))
+    # The CPU build's KV cache is sized from these lengths (tip_ray.rollout.vllm_args), not from the machine.
+    rollout = RolloutConfig(engine="vllm", max_new_tokens=8, max_model_len=64, dtype="float32", max_num_seqs=4)
     actors = [ray.remote(RolloutActor).options(num_cpus=1).remote(rollout, path, i)
               for i in range(args.rollout_actors)]
     learner = LearnerGroup(PoolResources("learner", args.learner_ranks, cpus=1),

@@ -10,9 +10,9 @@
 #     teacher.num_workers=10 trainer.output_dir=/shared/runs/more_teachers
 #   DRY_RUN=1 launch/submit.sh selection.rule=entropy_topk   # print the job; submit nothing
 #
-# The job runs `tip-ray train cluster.address=auto cluster.num_cpus=null cluster.num_gpus=null
-# <your overrides>` on the head node: the driver joins the cluster it runs in (num_cpus/num_gpus
-# only size a local Ray instance). Later overrides win. Give trainer.output_dir as a path on
+# The job runs `tip-ray train cluster.address=auto cluster.num_cpus=null cluster.num_gpus=null cluster.object_store_memory=null <your overrides>`
+# on the head node: the driver joins the
+# cluster it runs in (num_cpus/num_gpus/object_store_memory only size a local Ray instance). Later overrides win. Give trainer.output_dir as a path on
 # storage every node sees: a relative one lands in the job's temporary working directory.
 #
 # Environment (all optional; defaults in brackets):
@@ -98,7 +98,7 @@ passed = [name for name in os.environ["TIP_PASS_ENV"].split() if os.environ.get(
 for name in passed:
     env_vars[name] = os.environ[name]
 runtime_env["env_vars"] = env_vars
-join = ["cluster.address=auto", "cluster.num_cpus=null", "cluster.num_gpus=null"]
+join = ["cluster.address=auto", "cluster.num_cpus=null", "cluster.num_gpus=null", "cluster.object_store_memory=null"]
 entrypoint = shlex.join(["tip-ray", "train", *join, *overrides])
 if not any(o.lstrip("+~").startswith("trainer.output_dir=") for o in overrides):
     print("submit.sh: warning: no trainer.output_dir=<shared path> given; a relative run directory ends up in "

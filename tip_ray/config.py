@@ -220,6 +220,11 @@ class LearnerConfig:
     no-gradient statistics pass first and the gradient pass after it, holding one micro-batch's
     graph at a time. ZeRO-3 always runs two passes: its parameter partitioning gives wrong
     gradients with several graphs held at once.
+
+    ``gradient_checkpointing``: true keeps only each decoder layer's input during the forward and
+    recomputes the layer in the backward (transformers' non-reentrant checkpointing): activation
+    memory falls from every layer's intermediates to one layer's, for about one more backbone
+    forward per gradient pass. The same gradients either way; on in the GPU experiment presets.
     """
 
     model: str
@@ -241,6 +246,7 @@ class LearnerConfig:
     ta_k: int = 16
     seed: int = 0
     single_forward: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = (
@@ -293,6 +299,12 @@ class TeacherConfig:
     sequence + 1), ``gpu_memory_utilization``, ``tensor_parallel_size`` and ``max_logprobs`` (the
     most log-probs per position it may return: ``top_k`` must not exceed it, and ``top_k`` null
     needs a vocabulary no larger). ``dtype`` is the model's compute dtype on either backend.
+    The vllm backend's KV cache: on GPU a ``gpu_memory_utilization`` share of the device; on CPU
+    sized from the run (``tip_ray.rollout.vllm_args``: ``max_num_seqs`` sequences, null = the
+    step's sequences per teacher actor, of ``max_model_len`` tokens) unless
+    ``kv_cache_memory_bytes`` is set. ``max_num_batched_tokens`` bounds the tokens scored per
+    engine step: prompt log-probs materialise [tokens, vocabulary] fp32 logits outside vLLM's
+    memory profile, so size it for the vocabulary on GPUs (null: vLLM's default).
     """
 
     model: str
@@ -306,6 +318,9 @@ class TeacherConfig:
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
     max_logprobs: int = 256
+    max_num_seqs: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -324,11 +339,25 @@ class TeacherConfig:
             (self.tensor_parallel_size >= 1,
              f"teacher.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),
             (self.max_logprobs >= 1, f"teacher.max_logprobs must be >= 1, got {self.max_logprobs}"),
+            *_engine_size_checks("teacher", self),
+            (self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
+             f"teacher.max_num_batched_tokens must be >= 1 or null, got {self.max_num_batched_tokens}"),
             (self.backend != "vllm" or self.top_k is None or self.top_k <= self.max_logprobs,
              f"teacher.top_k ({self.top_k}) exceeds teacher.max_logprobs ({self.max_logprobs}), the most "
              "log-probs per position the vllm backend returns; raise max_logprobs or lower top_k"),
         )
         _raise_first_failure(checks)
+
+
+def _engine_size_checks(pool: str, cfg: RolloutConfig | TeacherConfig) -> tuple[tuple[bool, str], ...]:
+    """The checks of a vLLM engine's explicit sizes (``max_num_seqs``, ``kv_cache_memory_bytes``)."""
+    return (
+        (cfg.max_num_seqs is None or cfg.max_num_seqs >= 1,
+         f"{pool}.max_num_seqs must be >= 1 or null (sized from the run), got {cfg.max_num_seqs}"),
+        (cfg.kv_cache_memory_bytes is None or cfg.kv_cache_memory_bytes >= 2**20,
+         f"{pool}.kv_cache_memory_bytes is in bytes and must be at least 1 MiB (1048576) or null (sized from the "
+         f"run on CPU, from gpu_memory_utilization on GPU), got {cfg.kv_cache_memory_bytes}"),
+    )
 
 
 ROLLOUT_ENGINES = ("vllm", "hf")
@@ -342,6 +371,11 @@ class RolloutConfig:
     ``n`` samples per prompt at ``temperature``/``top_p``, at most ``max_new_tokens`` each.
     ``logprobs``: also return each sampled token's log-prob under the rollout engine (for
     diagnostics; training does not read them, and vLLM pays for them at every decode step).
+    The vllm engine's KV cache: on GPU a ``gpu_memory_utilization`` share of the device; on CPU
+    sized from the run (``tip_ray.rollout.vllm_args``: ``max_num_seqs`` sequences, null = the
+    step's sequences per rollout actor, of ``max_model_len`` tokens) unless
+    ``kv_cache_memory_bytes`` is set. ``enforce_eager`` null: eager on CPU, CUDA graphs on GPU
+    (in-place weight reloads keep the captured graphs valid).
     """
 
     engine: str = "vllm"
@@ -356,6 +390,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     seed: int = 0
     logprobs: bool = False
+    max_num_seqs: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -370,6 +407,7 @@ class RolloutConfig:
             (self.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}"),
             (0 < self.gpu_memory_utilization <= 1,
              f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
+            *_engine_size_checks("rollout", self),
         )
         _raise_first_failure(checks)
 
@@ -402,8 +440,17 @@ class PoolPlacement:
              f"cluster.{pool}.resources values must be > 0, got {self.resources}"),
             (self.strategy in PLACEMENT_STRATEGIES,
              f"cluster.{pool}.strategy must be one of {PLACEMENT_STRATEGIES}, got {self.strategy!r}"),
+            (pool != "learner" or self.gpus <= 1,
+             f"cluster.learner.gpus must be at most 1, got {self.gpus}: each learner rank drives one GPU "
+             "(add ranks with learner.world_size instead)"),
         )
         _raise_first_failure(checks)
+
+    @property
+    def owns_whole_gpus(self) -> bool:
+        """Whether each actor gets whole GPUs of its own (``gpus`` a positive whole number): with a
+        fraction, Ray may put two actors on one GPU, which NCCL refuses within one group."""
+        return self.gpus >= 1 and float(self.gpus).is_integer()
 
 
 @dataclass
@@ -415,11 +462,14 @@ class ClusterConfig:
     Ray's dashboard on ``dashboard_host`` (localhost unless configured otherwise) for a local
     instance. Each pool (``rollout``, ``teacher``, ``learner``) has its own per-actor resources
     and placement strategy; ``placement_timeout_s`` bounds the wait for a pool to be placed.
+    ``object_store_memory`` (bytes) sizes a local instance's object store; null leaves it to Ray
+    (30% of the machine's memory, capped by the size of /dev/shm: a machine detail).
     """
 
     address: str | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
+    object_store_memory: int | None = None
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     placement_timeout_s: float = 300.0
@@ -436,6 +486,12 @@ class ClusterConfig:
             (self.address is None or (self.num_cpus is None and self.num_gpus is None),
              "cluster.num_cpus/num_gpus size a local Ray instance; with cluster.address set the cluster's own "
              "resources apply: leave them null"),
+            (self.object_store_memory is None or self.object_store_memory >= 100 * 2**20,
+             f"cluster.object_store_memory is in bytes and must be at least 100 MiB (104857600) or null, got "
+             f"{self.object_store_memory}"),
+            (self.address is None or self.object_store_memory is None,
+             "cluster.object_store_memory sizes a local Ray instance; a running cluster's nodes set their own "
+             "(ray start --object-store-memory): leave it null with cluster.address"),
         )
         _raise_first_failure(checks)
         for pool in ("rollout", "teacher", "learner"):
@@ -574,8 +630,11 @@ class SyncConfig:
     ``transport`` ``object_store`` (the full weights through Ray's object store) or
     ``collective`` (bucketed broadcasts over a process group of learner rank 0 and every vLLM
     worker; needs ``rollout.engine=vllm``). ``backend`` of that group: ``nccl`` (GPU), ``gloo``
-    (CPU), ``auto`` (nccl when the learner has CUDA). ``bucket_mb``: megabytes per broadcast;
-    ``timeout_s``: how long a member waits for the others before failing.
+    (CPU), ``auto`` (nccl when the learner has CUDA). ``bucket_mb``: megabytes per broadcast
+    (the learner's rank 0 holds two bucket buffers while sending); ``timeout_s``: how long a
+    member waits for the others before its broadcast fails (with gloo and NCCL alike the failure
+    raises; the group is formed again on the next sync). The object store is the default (any
+    engine, CPU runs); the GPU cluster presets use the collective transport over NCCL.
     """
 
     transport: str = "object_store"
@@ -632,3 +691,37 @@ class TrainConfig:
                 f"trainer.prompts_per_step * rollout.n = {samples} sequences per step, but "
                 f"learner.global_batch_size = {self.learner.global_batch_size}; make them equal"
             )
+        if self.sync.transport == "collective" and self.rollout.engine != "vllm":
+            raise ValueError(f"sync.transport=collective needs rollout.engine=vllm (every vLLM worker joins the "
+                             f"weight group); with rollout.engine={self.rollout.engine} set sync.transport=object_store")
+        self._check_gpu_layout()
+
+    @property
+    def sync_uses_nccl(self) -> bool:
+        """Whether the weight sync runs over NCCL: the collective transport with ``sync.backend``
+        nccl, or auto with a learner on GPU (``tip_ray.sync_group.resolve_backend``)."""
+        on_gpu = self.cluster.learner.gpus > 0
+        return self.sync.transport == "collective" and (
+            self.sync.backend == "nccl" or (self.sync.backend == "auto" and on_gpu))
+
+    def _check_gpu_layout(self) -> None:
+        """Refuse layouts NCCL cannot run: two ranks of one group on one GPU (Ray places actors with
+        fractional GPUs on a shared device), or an NCCL weight sync with a member off the GPU."""
+        learner, rollout = self.cluster.learner, self.cluster.rollout
+        nccl_sync = self.sync_uses_nccl
+        if 0 < learner.gpus < 1 and (self.learner.world_size > 1 or nccl_sync):
+            group = (f"its {self.learner.world_size} ranks' NCCL group" if self.learner.world_size > 1
+                     else "the NCCL weight sync (sync.transport=collective)")
+            raise ValueError(f"cluster.learner.gpus = {learner.gpus} lets Ray put two members of {group} on one GPU, "
+                             "which NCCL refuses: set cluster.learner.gpus to 1")
+        if not nccl_sync:
+            return
+        if learner.gpus <= 0:
+            raise ValueError("sync.backend=nccl needs the learner on GPUs: set cluster.learner.gpus to 1, or "
+                             "sync.backend to gloo")
+        if not rollout.owns_whole_gpus:
+            raise ValueError(f"cluster.rollout.gpus = {rollout.gpus}: the NCCL weight sync (sync.transport=collective, "
+                             f"sync.backend={self.sync.backend} with the learner on GPU) needs every rollout engine "
+                             "on whole GPUs of its own (a fraction lets Ray put two engines, or an engine and the "
+                             "learner, on one GPU, which NCCL refuses; no GPU: no NCCL). Set cluster.rollout.gpus "
+                             "to rollout.tensor_parallel_size, or sync.backend=gloo / sync.transport=object_store")

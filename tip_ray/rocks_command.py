@@ -1,6 +1,6 @@
 """``tip-ray rocks``: sample student rollouts on the training prompts and write the rock set.
 
-It composes the training config (``conf/train.yaml`` plus overrides), so the rock set is built
+It composes the training config (``tip_ray/conf/train.yaml`` plus overrides), so the rock set is built
 with the same student, teacher, prompts and sampling settings that ``tip-ray train`` uses. The
 engines run in this process: the rollout engine of ``rollout.engine`` (``RolloutWorker``), the
 teacher scorer (``TeacherWorker``) and the student's statistics from its final hidden states
@@ -38,6 +38,7 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
 
     from tip_ray.checkpoints import check_same_vocabulary, load_tokenizer, require_checkpoint
     from tip_ray.data.prompts import PromptStream, load_prompt_dataset
+    from tip_ray.rollout.vllm_args import sized_for
     from tip_ray.rollout.worker import RolloutWorker
     from tip_ray.teacher.worker import TeacherWorker
     from tip_ray.tip.lean import token_stats_from_hidden
@@ -53,8 +54,9 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
     stream = PromptStream(data, min(prompts_per_batch, len(data)), seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                           drop_last=False)
 
-    rollout = RolloutWorker(cfg.rollout, cfg.student)
-    teacher = TeacherWorker(cfg.teacher)
+    per_call = min(prompts_per_batch, len(data)) * cfg.rollout.n  # what one generate / score call holds
+    rollout = RolloutWorker(sized_for(cfg.rollout, per_call), cfg.student)
+    teacher = TeacherWorker(sized_for(cfg.teacher, per_call))
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).eval()
     vocab = int(student.config.vocab_size)
     head = student.get_output_embeddings()

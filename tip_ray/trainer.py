@@ -110,8 +110,10 @@ class Trainer:
         from tip_ray.groups import LearnerGroup, PoolResources, check_fits
         from tip_ray.pools import RolloutPool, TeacherPool
         from tip_ray.resume import find_resume_point
+        from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.tracking import Tracker
 
+        cfg = with_engine_sizes(cfg)  # null engine sizes become the step's sequences per actor
         self.cfg = cfg
         require_checkpoint(cfg.student, "student")
         require_checkpoint(cfg.teacher.model, "teacher")
@@ -139,6 +141,7 @@ class Trainer:
         if not ray.is_initialized():
             # "local": a fresh instance of our own, never a cluster someone else started on this host.
             ray.init(address=c.address or "local", num_cpus=c.num_cpus, num_gpus=c.num_gpus,
+                     object_store_memory=c.object_store_memory,
                      include_dashboard=c.dashboard, dashboard_host=c.dashboard_host, log_to_driver=False,
                      runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
         check_fits(list(pools.values()), ray.cluster_resources())

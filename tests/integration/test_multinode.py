@@ -79,7 +79,7 @@ def train_config(sim, data: Path, run_dir: Path, *overrides: str):
         "trainer.steps=2", "trainer.prompts_per_step=4", "trainer.eval_every=0",
         "learner.global_batch_size=4", "learner.micro_batch_size=2", "learner.world_size=2",
         f"trainer.output_dir={run_dir}", "logger=none",
-        f"cluster.address={sim.address}", "cluster.num_cpus=null", "cluster.rollout.cpus=1", "cluster.teacher.cpus=1",
+        f"cluster.address={sim.address}", "cluster.num_cpus=null", "cluster.object_store_memory=null", "cluster.rollout.cpus=1", "cluster.teacher.cpus=1",
         *(f"+cluster.{pool}.resources.{node}=1" for pool, (node, _) in POOLS.items()),
         *overrides,
     ])

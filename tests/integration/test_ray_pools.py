@@ -45,8 +45,8 @@ def test_one_step_and_a_sync_reach_the_rollout_engine(cluster, checkpoints):
     rollout_pool = PoolResources("rollout", 1, cpus=1)
     group = reserve(rollout_pool)
     rollout = ray.remote(RolloutActor).options(num_cpus=1, scheduling_strategy=on_bundle(group, 0)).remote(
-        RolloutConfig(engine="vllm", n=2, max_new_tokens=8, max_model_len=64, dtype="float32", logprobs=True,
-                        gpu_memory_utilization=0.05), checkpoints["student"], 0)
+        RolloutConfig(engine="vllm", n=2, max_new_tokens=8, max_model_len=64, dtype="float32", logprobs=True),
+        checkpoints["student"], 0)
     teacher = ray.remote(TeacherActor).options(num_cpus=1).remote(TeacherConfig(model=checkpoints["teacher"], top_k=16))
     learner = LearnerGroup(PoolResources("learner", 2, cpus=1),
                            LearnerConfig(model=checkpoints["student"], world_size=2, zero_stage=3, lr=1e-2,

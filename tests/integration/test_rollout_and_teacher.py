@@ -25,8 +25,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_rollout_logprobs_match_the_weights_before_and_after_a_sync(engine, tiny_checkpoint):
     from transformers import AutoModelForCausalLM
 
-    cfg = RolloutConfig(engine=engine, n=2, max_new_tokens=6, max_model_len=64, dtype="float32", logprobs=True,
-                        gpu_memory_utilization=0.05)
+    cfg = RolloutConfig(engine=engine, n=2, max_new_tokens=6, max_model_len=64, dtype="float32", logprobs=True)
     worker = RolloutWorker(cfg, tiny_checkpoint)
     reference = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
 

@@ -51,7 +51,7 @@ def test_vllm_signal_equals_the_hf_signal(cluster, teacher_checkpoint):
     k = 16
     common = dict(model=teacher_checkpoint, top_k=k, values_dtype="fp32", dtype="float32")
     vllm = cluster.remote(TeacherActor).options(num_cpus=1).remote(
-        TeacherConfig(backend="vllm", max_model_len=32, gpu_memory_utilization=0.05, **common))
+        TeacherConfig(backend="vllm", max_model_len=32, **common))
     hf = TeacherWorker(TeacherConfig(backend="hf", micro_batch_size=2, **common))
     input_ids, attention = padded_batch(LENGTHS)
     got, expected = cluster.get(vllm.score.remote(input_ids, attention)), hf.score(input_ids, attention)

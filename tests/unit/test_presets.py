@@ -68,8 +68,8 @@ def test_no_overrides_is_the_embedded_default():
     assert cfg.data.path == "runs/embedded/data/train.jsonl" and cfg.data.shuffle and cfg.data.max_prompt_tokens == 64
     assert cfg.eval_data.path == "runs/embedded/data/test.jsonl" and cfg.eval_data.limit == 200
     r = cfg.rollout
-    assert (r.engine, r.num_workers, r.n, r.temperature, r.max_new_tokens, r.max_model_len, r.dtype,
-            r.gpu_memory_utilization) == ("vllm", 1, 1, 1.0, 96, 256, "float32", 0.05)
+    assert (r.engine, r.num_workers, r.n, r.temperature, r.max_new_tokens, r.max_model_len, r.dtype, r.max_num_seqs,
+            r.kv_cache_memory_bytes) == ("vllm", 1, 1, 1.0, 96, 256, "float32", None, None)
     ln = cfg.learner
     assert (ln.model, ln.world_size, ln.zero_stage, ln.dtype, ln.lr, ln.lr_schedule, ln.global_batch_size,
             ln.micro_batch_size, ln.chunk_rows, ln.uses_single_forward) == \
@@ -195,8 +195,12 @@ def test_every_preset_composes_on_every_layout(experiment, layout):
         assert cfg.cluster.teacher.gpus == cfg.teacher.tensor_parallel_size
         assert all(0 < p.gpus <= GPUS_PER_NODE for p in _pools(cfg))
         check_fits(_pools(cfg), {"GPU": float(LAYOUT_GPUS[chosen]), "CPU": math.inf})
+        # Weights travel over NCCL, from learner rank 0 to engines on whole GPUs of their own.
+        assert cfg.sync.transport == "collective" and cfg.sync_uses_nccl and cfg.rollout.engine == "vllm"
+        assert cfg.cluster.learner.gpus == 1 and cfg.cluster.rollout.owns_whole_gpus
     else:
         assert all(p.gpus == 0 for p in _pools(cfg)) and cfg.cluster.num_cpus == 6
+        assert cfg.sync.transport == "object_store" and not cfg.sync_uses_nccl
 
 
 def test_the_70b_teacher_is_tensor_parallel_on_both_gpu_layouts():

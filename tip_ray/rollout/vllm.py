@@ -10,7 +10,9 @@ import os
 
 import torch
 
+from tip_ray.config import RolloutConfig
 from tip_ray.rollout.hf import SamplingSettings
+from tip_ray.rollout.vllm_args import engine_kwargs, on_cpu_build
 from tip_ray.types import Generation
 
 
@@ -42,28 +44,20 @@ def generate_with_llm(llm, prompts: list[list[int]], sampling: SamplingSettings,
 class VLLMEngine:
     """An in-process ``vllm.LLM`` behind the engine interface ``generate`` / ``update_weights``."""
 
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "auto",
-        max_model_len: int = 2048,
-        seed: int = 0,
-        tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.5,
-        enforce_eager: bool = True,
-    ) -> None:
+    def __init__(self, model: str, cfg: RolloutConfig, seed: int = 0) -> None:
+        """Start the engine for the checkpoint at ``model`` as ``cfg`` sizes it
+        (``tip_ray.rollout.vllm_args``); ``ValueError`` before loading when the KV cache the run
+        needs does not fit the NUMA node's memory (CPU build)."""
         # In-process engine core: weights and requests stay in this actor's process.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        on_cpu = on_cpu_build()
+        eager = on_cpu if cfg.enforce_eager is None else cfg.enforce_eager
         self.llm = LLM(
-            model=model,
-            dtype=dtype,
-            max_model_len=max_model_len,
+            **engine_kwargs(cfg, model, "rollout", on_cpu),
             seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
+            enforce_eager=eager,
             worker_extension_cls="tip_ray.rollout.vllm_extension.WeightUpdateExtension",
         )
 

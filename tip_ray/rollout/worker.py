@@ -26,15 +26,16 @@ class RolloutWorker:
         if cfg.engine == "vllm":
             from tip_ray.rollout.vllm import VLLMEngine
 
-            self.engine = VLLMEngine(model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=seed,
-                                     tensor_parallel_size=cfg.tensor_parallel_size,
-                                     gpu_memory_utilization=cfg.gpu_memory_utilization)
+            self.engine = VLLMEngine(model, cfg, seed=seed)
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
+            from tip_ray.devices import compute_device
             from tip_ray.rollout.hf import HFGenerator
 
-            self.engine = HFGenerator(AutoModelForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model))
+            # On this actor's GPU when one is visible, in rollout.dtype (auto: the checkpoint's).
+            causal_lm = AutoModelForCausalLM.from_pretrained(model, dtype=cfg.dtype).to(compute_device())
+            self.engine = HFGenerator(causal_lm, AutoTokenizer.from_pretrained(model))
         self._calls = 0
         self._seed = seed
 

@@ -15,6 +15,7 @@ import os
 import torch
 
 from tip_ray.config import TeacherConfig
+from tip_ray.rollout.vllm_args import engine_kwargs, on_cpu_build
 
 
 class VLLMScorer:
@@ -34,12 +35,11 @@ class VLLMScorer:
         from vllm import LLM
 
         self.max_model_len = cfg.max_model_len
+        extra = {} if cfg.max_num_batched_tokens is None else {"max_num_batched_tokens": cfg.max_num_batched_tokens}
+        # Eager on every device: scoring is prefill, which CUDA graphs (decode batches) do not cover.
         self.llm = LLM(
-            model=cfg.model,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            **engine_kwargs(cfg, cfg.model, "teacher", on_cpu_build()),
+            **extra,
             max_logprobs=cfg.max_logprobs,
             logprobs_mode="raw_logprobs",
             enable_prefix_caching=False,
