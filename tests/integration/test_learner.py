@@ -56,14 +56,15 @@ def make_global_batch(seed: int = 0, length: int = 24) -> TrainBatch:
     return TrainBatch(ids, attention, loss_mask, teacher)
 
 
-def _rank_main(rank, world, port, out_dir, model, stage, selection, steps, optimizer, single_forward):
+def _rank_main(rank, world, port, out_dir, model, stage, selection, steps, optimizer, single_forward,
+               gradient_checkpointing=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from tip_ray.learner.worker import LearnerWorker
 
     cfg = LearnerConfig(model=model, world_size=world, zero_stage=stage, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3,
                         global_batch_size=GLOBAL_BATCH, micro_batch_size=1, grad_clip=0.0, chunk_rows=7,
-                        single_forward=single_forward)
+                        single_forward=single_forward, gradient_checkpointing=gradient_checkpointing)
     worker = LearnerWorker(cfg, SelectionConfig(**selection), LossConfig())
     per_rank = GLOBAL_BATCH // world
     batch = make_global_batch().rows(rank * per_rank, (rank + 1) * per_rank)
@@ -76,11 +77,12 @@ def _rank_main(rank, world, port, out_dir, model, stage, selection, steps, optim
     worker.close()
 
 
-def run_group(tmp_path, model, world, stage, selection, steps=1, optimizer="sgd", single_forward=False):
-    out = tmp_path / f"w{world}z{stage}{selection['rule']}{steps}{optimizer}{single_forward}"
+def run_group(tmp_path, model, world, stage, selection, steps=1, optimizer="sgd", single_forward=False,
+              gradient_checkpointing=False):
+    out = tmp_path / f"w{world}z{stage}{selection['rule']}{steps}{optimizer}{single_forward}{gradient_checkpointing}"
     out.mkdir()
     context = mp.start_processes(_rank_main, args=(world, _free_port(), str(out), model, stage, selection, steps,
-                                                   optimizer, single_forward),
+                                                   optimizer, single_forward, gradient_checkpointing),
                                  nprocs=world, join=False, start_method="spawn")
     for process in context.processes:
         process.join(timeout=300)
@@ -119,6 +121,79 @@ def test_two_ranks_select_the_global_budget_and_match_one_rank(stage, single_for
     for name, value in single_rank["weights"].items():
         torch.testing.assert_close(results[0]["weights"][name], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[1]["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_gradient_checkpointing_gives_the_same_step(stage, tiny_model, single_rank, tmp_path):
+    # ZeRO-3 gathers its partitioned parameters again for the recompute in the backward.
+    result = run_group(tmp_path, tiny_model, 1, stage, SOFT_OR, gradient_checkpointing=True)[0]
+    assert math.isclose(result["metrics"][0].loss, single_rank["metrics"][0].loss, rel_tol=1e-5)
+    for name, value in single_rank["weights"].items():
+        torch.testing.assert_close(result["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
+class HostOnly(torch.Tensor):
+    """A batch tensor not yet placed: it allows its metadata to be read and ``.to`` (which returns
+    a plain tensor), and raises on anything else, so a computation that bypasses
+    ``LearnerWorker.place`` fails on the CPU as it would on a GPU."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            result = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name == "to":
+            return result.as_subclass(torch.Tensor) if isinstance(result, torch.Tensor) else result
+        if name == "__get__" and not isinstance(result, torch.Tensor):
+            return result  # shape, dtype, device, ...
+        raise AssertionError(f"{name} ran on a batch tensor that did not go through LearnerWorker.place")
+
+
+def host_only(batch: TrainBatch) -> TrainBatch:
+    t = batch.teacher
+    wrap = [x.clone().as_subclass(HostOnly) for x in (batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                                     t.topk_ids, t.topk_logprobs, t.sampled_logprobs)]
+    return TrainBatch(*wrap[:3], TeacherSignal(*wrap[3:]), batch.policy_version)
+
+
+def _placement_rank_main(rank, world, port, out_dir, model):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from tip_ray.devices import tensors_of
+    from tip_ray.learner.worker import LearnerWorker
+
+    cfg = LearnerConfig(model=model, world_size=world, zero_stage=2, global_batch_size=GLOBAL_BATCH,
+                        micro_batch_size=2, chunk_rows=7)
+    worker = LearnerWorker(cfg, SelectionConfig(**SOFT_OR), LossConfig())
+    batch = make_global_batch()
+    seen = {"engine_device": str(worker.engine.device), "worker_device": str(worker.device),
+            "placed": {k: str(v.device) for k, v in tensors_of(worker.place(batch)).items()}}
+    try:
+        host_only(batch).input_ids.sum()
+        seen["fake_detects"] = False
+    except AssertionError:
+        seen["fake_detects"] = True
+    seen["loss"] = worker.forward_backward(host_only(batch)).loss
+    seen["reference_loss"] = worker.forward_backward(batch).loss
+    try:
+        worker._hidden(TrainBatch(batch.input_ids.to("meta"), batch.attention_mask.to("meta"),
+                                  batch.loss_mask.to("meta"), batch.teacher))
+        seen["refused"] = False
+    except RuntimeError as exc:
+        seen["refused"] = "LearnerWorker.place" in str(exc)
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    worker.close()
+
+
+def test_the_batch_reaches_the_model_only_through_placement(tiny_model, tmp_path):
+    mp.start_processes(_placement_rank_main, args=(1, _free_port(), str(tmp_path), tiny_model), nprocs=1,
+                       join=True, start_method="spawn")
+    seen = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert seen["worker_device"] == seen["engine_device"]
+    assert set(seen["placed"].values()) == {seen["engine_device"]}
+    assert seen["fake_detects"], "the host-only fake must fail when computed on"
+    assert math.isfinite(seen["loss"]) and math.isclose(seen["loss"], seen["reference_loss"], rel_tol=1e-6)
+    assert seen["refused"], "the model accepted inputs on another device than the engine's"
 
 
 def test_loss_falls_over_steps(tiny_model, tmp_path):

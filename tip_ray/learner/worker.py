@@ -17,6 +17,11 @@ One optimizer step::
 
 Each rank's loss is its share of the global kept-token mean, scaled by the world size because
 DeepSpeed averages gradients over ranks: the step's gradient is that of the global mean.
+
+Devices: the batch is moved to the engine's device once per step (``tip_ray.devices.to_device``) and
+the model refuses inputs anywhere else; selection runs on the CPU (the global statistics table,
+a few floats per token, with a CPU generator for reproducibility); every collective goes
+through ``collectives``, which places its tensors on the process group's device.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
+from tip_ray.devices import to_device
+from tip_ray.learner import collectives
 from tip_ray.sync_buckets import Bucket, TensorMeta, dtype_name
 from tip_ray.tip.lean import kept_token_loss, token_stats_from_hidden
 from tip_ray.tip.select import quadrants, select_flat
@@ -55,21 +62,6 @@ class StepMetrics:
     skipped: bool = False
 
 
-def _gather_flat(values: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather rows [n_r, D] of varying n_r; returns the concatenation and this rank's offset."""
-    world = dist.get_world_size()
-    count = torch.tensor([values.shape[0]], dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = torch.zeros(max(sizes), values.shape[1], dtype=values.dtype)
-    padded[: values.shape[0]] = values
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    rank = dist.get_rank()
-    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]), sum(sizes[:rank])
-
-
 def _peak_memory_bytes() -> int:
     """Peak memory of this step on the accelerator (CUDA), or the process's peak RSS on CPU;
     the maximum over ranks."""
@@ -77,21 +69,12 @@ def _peak_memory_bytes() -> int:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    value = torch.tensor([float(peak)], dtype=torch.float64)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
+    return int(collectives.max_over_ranks(float(peak)))
 
 
 def _finite_on_mask(stats: TokenStats) -> bool:
     """Whether every statistic is finite at the valid positions of ``stats``."""
     return all(bool(torch.isfinite(getattr(stats, n)[stats.mask]).all()) for n in STAT_NAMES)
-
-
-def _all_ranks_agree(ok: bool) -> bool:
-    """True only if ``ok`` holds on every rank (a collective: every rank must call it)."""
-    flag = torch.tensor([1.0 if ok else 0.0], dtype=torch.float64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() == 1.0)
 
 
 class NonFiniteWeightsError(RuntimeError):
@@ -110,7 +93,39 @@ class _HiddenStates(torch.nn.Module):
         self.lm = causal_lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """Final hidden states [B, L, H] of ``input_ids``/``attention_mask`` [B, L] (on the model's
+        device); no KV cache is built (training never reuses one)."""
+        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state
+
+
+def build_student(learner: LearnerConfig) -> _HiddenStates:
+    """The student as DeepSpeed will wrap it: ``learner.model`` loaded in ``learner.dtype`` on the
+    CPU (DeepSpeed moves or partitions it), with transformers' non-reentrant gradient
+    checkpointing on every decoder layer when ``learner.gradient_checkpointing``.
+
+    Checkpointing is enabled on the causal LM before DeepSpeed wraps it, so ZeRO-3's parameter
+    hooks run (and gather) again during the recompute; every student parameter is trainable,
+    which non-reentrant checkpointing under ZeRO-3 needs (a frozen, partitioned parameter
+    would be recomputed at size 0). transformers checkpoints only in training mode, so the model
+    is put in it then; otherwise it stays in evaluation mode, as loaded. A student with dropout is
+    refused with checkpointing: the statistics pass and the gradient pass would see different
+    dropout masks, so tokens would be selected on one forward and trained on another.
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if learner.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(learner.model, dtype=dtype)
+    if learner.gradient_checkpointing:
+        dropouts = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+        dropouts.update({key: value for key, value in model.config.to_dict().items()
+                         if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0})
+        if dropouts:
+            raise ValueError(f"learner.gradient_checkpointing needs a student without dropout, but {learner.model} has "
+                             f"{dropouts}; set those to 0 in its config.json or turn gradient_checkpointing off")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    return _HiddenStates(model)
 
 
 class LearnerWorker:
@@ -118,7 +133,6 @@ class LearnerWorker:
 
     def __init__(self, learner: LearnerConfig, selection: SelectionConfig, loss: LossConfig) -> None:
         import deepspeed
-        from transformers import AutoModelForCausalLM
 
         self.cfg, self.selection, self.loss_cfg = learner, selection, loss
         self.rule_params = dict(selection.params)  # plus the rock ids of selection.rock_file, read once
@@ -132,9 +146,8 @@ class LearnerWorker:
             raise ValueError(f"learner.world_size is {learner.world_size} but the process group has "
                              f"{dist.get_world_size()} ranks")
         torch.manual_seed(learner.seed)
-        dtype = torch.bfloat16 if learner.dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(learner.model, dtype=dtype)
-        params = [p for p in model.parameters() if p.requires_grad]
+        student = build_student(learner)
+        params = [p for p in student.parameters() if p.requires_grad]
         if learner.optimizer == "adamw":
             optimizer = torch.optim.AdamW(params, lr=learner.lr, betas=tuple(learner.betas),
                                           weight_decay=learner.weight_decay)
@@ -151,8 +164,9 @@ class LearnerWorker:
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }
-        self.engine, *_ = deepspeed.initialize(model=_HiddenStates(model), optimizer=optimizer, lr_scheduler=scheduler,
+        self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=ds_config)
+        self.device = torch.device(self.engine.device)
         self.steps = 0
 
     def _lr_factor(self, step: int) -> float:
@@ -179,8 +193,18 @@ class LearnerWorker:
         else:
             yield head.weight, getattr(head, "bias", None)
 
+    def place(self, batch: TrainBatch) -> TrainBatch:
+        """``batch`` with every tensor (ids, masks, teacher signal) on the engine's device: the one
+        way a batch reaches the model (``forward_backward`` calls it once per step)."""
+        return to_device(batch, self.device)
+
     def _hidden(self, batch: TrainBatch) -> torch.Tensor:
-        """Final hidden states [B, L-1, H] of the positions that predict the next token."""
+        """Final hidden states [B, L-1, H] of the positions that predict the next token; ``batch``
+        must have come through ``place``."""
+        for name, tensor in (("input_ids", batch.input_ids), ("attention_mask", batch.attention_mask)):
+            if tensor.device != self.device:
+                raise RuntimeError(f"batch.{name} is on {tensor.device}, the engine on {self.device}: "
+                                   "batches reach the model through LearnerWorker.place")
         return self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[:, :-1]
 
     def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
@@ -216,32 +240,36 @@ class LearnerWorker:
                     if not finite or error is not None:
                         continue
                     try:
+                        # The head stays in its dtype: the statistics upcast a block of it at a
+                        # time, not a float32 copy of the whole head per micro-batch.
                         stats.append(token_stats_from_hidden(
-                            hidden.detach().float(), weight.float(), mb.teacher, mb.targets, mb.loss_mask,
-                            lm_head_bias=None if bias is None else bias.float(), ta_k=self.cfg.ta_k,
-                            chunk_rows=self.cfg.chunk_rows))
+                            hidden.detach(), weight, mb.teacher, mb.targets, mb.loss_mask, lm_head_bias=bias,
+                            ta_k=self.cfg.ta_k, chunk_rows=self.cfg.chunk_rows))
                     except ValueError as exc:  # bad input on this rank: every rank must hear of it
                         error = error or str(exc)
-        if not _all_ranks_agree(error is None):
+        if not collectives.all_ranks_agree(error is None):
             raise ValueError(f"learner rank {dist.get_rank()}: " + (error or "another rank rejected its batch"))
         finite = finite and all(_finite_on_mask(st) for st in stats)
-        return (stats, hiddens) if _all_ranks_agree(finite) else None
+        return (stats, hiddens) if collectives.all_ranks_agree(finite) else None
 
     def _select(
         self, micro: list[TrainBatch], stats: list[TokenStats]
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Loss weights [B_mb, L-1] per micro-batch, the global statistics table [m, D] and this
-        rank's flat weights [m_r] (in table order)."""
+        rank's flat weights [m_r] (in table order), all float32 or float64 on the CPU (the
+        caller places the weights)."""
         sel = self.selection
         rank, world = dist.get_rank(), dist.get_world_size()
         per_rank = self.cfg.global_batch_size // world
         columns, seq_offset = [], rank * per_rank
         for i, (mb, st) in enumerate(zip(micro, stats)):
-            rows = torch.arange(mb.size).unsqueeze(-1).expand_as(st.mask)[st.mask] + seq_offset + i * mb.size
-            columns.append(torch.stack([getattr(st, n)[st.mask].double() for n in STAT_NAMES]
-                                       + [st.token_ids[st.mask].double(), rows.double(), torch.full_like(rows, i).double()], 1))
+            mask = st.mask.cpu()
+            rows = torch.arange(mb.size).unsqueeze(-1).expand_as(mask)[mask] + seq_offset + i * mb.size
+            values = torch.stack([getattr(st, n)[st.mask].double() for n in STAT_NAMES]
+                                 + [st.token_ids[st.mask].double()], 1).cpu()
+            columns.append(torch.cat([values, torch.stack([rows.double(), torch.full_like(rows, i).double()], 1)], 1))
         local = torch.cat(columns) if columns else torch.zeros(0, len(STAT_NAMES) + 3, dtype=torch.float64)
-        everything, offset = _gather_flat(local)
+        everything, offset = collectives.all_gather_rows(local)
         generator = torch.Generator().manual_seed(sel.seed * 1_000_003 + self.steps)
 
         def choose(table: torch.Tensor) -> torch.Tensor:
@@ -260,9 +288,10 @@ class LearnerWorker:
 
         per_micro, start = [], 0
         for st in stats:
-            n = int(st.mask.sum())
-            w = torch.zeros(st.mask.shape, dtype=torch.float32)
-            w[st.mask] = weights_flat[start : start + n].float()
+            mask = st.mask.cpu()
+            n = int(mask.sum())
+            w = torch.zeros(mask.shape, dtype=torch.float32)
+            w[mask] = weights_flat[start : start + n].float()
             per_micro.append(w)
             start += n
         return per_micro, everything, weights_flat
@@ -271,6 +300,7 @@ class LearnerWorker:
         """Statistics, global selection, and the kept-token loss's backward for this rank's batch."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        batch = self.place(batch)
         micro = self._micro_batches(batch)
         measured = self._statistics(micro, keep_graph=self.cfg.uses_single_forward)
         if measured is None:
@@ -280,9 +310,9 @@ class LearnerWorker:
         weights, table, local_weights = self._select(micro, stats)
         world = dist.get_world_size()
 
-        totals = torch.tensor([sum(float(w.sum()) for w in weights), float(sum(int(st.mask.sum()) for st in stats)),
-                               float(sum(int((w != 0).sum()) for w in weights))], dtype=torch.float64)
-        dist.all_reduce(totals)
+        totals = collectives.all_reduce(torch.tensor(
+            [sum(float(w.sum()) for w in weights), float(sum(int(st.mask.sum()) for st in stats)),
+             float(sum(int((w != 0).sum()) for w in weights))], dtype=torch.float64))
         denominator = float(totals[0] if self.loss_cfg.normalization == "kept" else totals[1])
 
         loss_sum = 0.0
@@ -290,8 +320,10 @@ class LearnerWorker:
             hidden = hiddens[i] if hiddens[i] is not None else self._hidden(mb)
             hiddens[i] = None  # the graph is freed by its backward
             with self._lm_head() as (weight, bias):
+                # float32 weights on the engine's device: soft weights are not rounded to bf16.
                 loss = kept_token_loss(
-                    hidden, weight, mb.teacher, mb.targets, w.to(hidden.dtype), mb.loss_mask, lm_head_bias=bias,
+                    hidden, weight, mb.teacher, mb.targets, to_device(w, self.device, float_dtype=torch.float32),
+                    mb.loss_mask, lm_head_bias=bias,
                     kind=self.loss_cfg.kind, beta=self.loss_cfg.beta, normalization=self.loss_cfg.normalization,
                     denominator=denominator, chunk_rows=self.cfg.chunk_rows,
                 )
@@ -300,16 +332,15 @@ class LearnerWorker:
             loss_sum += float(loss.detach())
             if i < len(micro) - 1:
                 self.engine.step()  # accumulation only: DeepSpeed steps at the boundary
-        total = torch.tensor([loss_sum], dtype=torch.float64)
-        dist.all_reduce(total)
-        global_weights, _ = _gather_flat(local_weights.double().unsqueeze(-1))
+        total = collectives.all_reduce(torch.tensor([loss_sum], dtype=torch.float64))
+        global_weights, _ = collectives.all_gather_rows(local_weights.double().unsqueeze(-1))
         metrics = self._metrics(float(total), table, global_weights[:, 0] != 0, totals)
         return dataclasses.replace(metrics, peak_memory_bytes=_peak_memory_bytes())
 
     @staticmethod
     def _skipped_metrics(micro: list[TrainBatch]) -> StepMetrics:
-        valid = torch.tensor([float(sum(int(mb.loss_mask.sum()) for mb in micro))], dtype=torch.float64)
-        dist.all_reduce(valid)
+        valid = collectives.all_reduce(torch.tensor([float(sum(int(mb.loss_mask.sum()) for mb in micro))],
+                                                    dtype=torch.float64))
         nan = float("nan")
         return StepMetrics(loss=nan, kept_tokens=0, valid_tokens=int(valid), kept_fraction=0.0, quadrant_shares={},
                            entropy_mean=nan, entropy_kept_mean=nan, rkl_mean=nan, rkl_kept_mean=nan,
@@ -355,7 +386,7 @@ class LearnerWorker:
             if not bool(torch.isfinite(local).all()):
                 ok = False
                 break
-        return _all_ranks_agree(ok)
+        return collectives.all_ranks_agree(ok)
 
     def save_state(self, directory: str) -> None:
         """Write the full training state (DeepSpeed: ZeRO shards, optimizer, schedule; this rank's
@@ -367,7 +398,7 @@ class LearnerWorker:
         self.engine.save_checkpoint(directory, tag="deepspeed", client_state={"learner_steps": self.steps},
                                     save_latest=False)
         save_file({"torch": torch.get_rng_state()}, f"{directory}/rng_rank{dist.get_rank()}.safetensors")
-        dist.barrier()
+        collectives.barrier()
 
     def load_state(self, directory: str) -> int:
         """Restore what ``save_state`` wrote (same world size and ZeRO stage); returns the step count."""
@@ -389,7 +420,7 @@ class LearnerWorker:
         weights = self.export_weights()
         if dist.get_rank() == 0:
             self.engine.module.lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
-        dist.barrier()
+        collectives.barrier()
 
     @torch.no_grad()
     def export_weights(self, all_ranks: bool = False) -> dict[str, torch.Tensor]:
@@ -476,5 +507,5 @@ class LearnerWorker:
     def close(self) -> None:
         """Leave the process group cleanly (every rank together); the worker is unusable after."""
         if dist.is_initialized():
-            dist.barrier()
+            collectives.barrier()
             dist.destroy_process_group()

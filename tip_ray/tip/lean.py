@@ -11,6 +11,12 @@ never holds them with gradient:
    hidden states and the lm_head at once, so no chunk's logits outlive the chunk.
 
 Working memory is O(chunk_rows * V) whatever the number of tokens, plus the lm_head's gradient.
+
+Precision: statistics are computed from float32 logits (float64 stays float64) even when the
+backbone and the lm_head are bf16: the lm_head is upcast ``HEAD_BLOCK_ROWS`` vocabulary rows at a
+time, never whole. The loss's lm_head (and bias) gradient is accumulated over chunks in float32
+and cast to the weight's dtype once, when handed to autograd: bf16 sums over hundreds of chunks
+would lose the small late contributions.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, stats_for_rows, validate_student_inputs, work_dtype
 
 DEFAULT_LEAN_CHUNK_ROWS = 512
+# Vocabulary rows of a low-precision lm_head upcast at a time for the statistics' logits: a
+# [HEAD_BLOCK_ROWS, H] float32 copy (84 MB at H = 2560) instead of the whole head's.
+HEAD_BLOCK_ROWS = 8192
 
 
 def _check_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None) -> tuple[int, int, int]:
@@ -46,6 +55,24 @@ def _check_chunk(chunk_rows: int) -> None:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
 
 
+def _head_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Logits ``rows @ weight.T + bias`` [N, V] in ``dtype`` for rows [N, H], weight [V, H], bias [V],
+    on the rows' device. Operands in another dtype are upcast block by block (``HEAD_BLOCK_ROWS``
+    vocabulary rows of the weight at a time): products of bf16 values are exact in float32, so
+    this equals the float32 product of the upcast head without ever holding that copy."""
+    if rows.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+        return F.linear(rows, weight, bias)
+    rows = rows.to(dtype)
+    vocab = weight.shape[0]
+    out = torch.empty(rows.shape[0], vocab, dtype=dtype, device=rows.device)
+    for start in range(0, vocab, HEAD_BLOCK_ROWS):
+        stop = min(start + HEAD_BLOCK_ROWS, vocab)
+        out[:, start:stop] = F.linear(rows, weight[start:stop].to(dtype),
+                                      None if bias is None else bias[start:stop].to(dtype))
+    return out
+
+
 @torch.no_grad()
 def token_stats_from_hidden(
     hidden: torch.Tensor,
@@ -60,8 +87,10 @@ def token_stats_from_hidden(
 ) -> TokenStats:
     """Token statistics from final hidden states [B, T, H] and the lm_head ([V, H], bias [V]).
 
-    Same result as ``compute_token_stats`` on the logits ``hidden @ W.T + b``, computed
-    ``chunk_rows`` valid positions at a time, without gradient.
+    Same result as ``compute_token_stats`` on the logits ``hidden @ W.T + b`` taken in float32
+    (float64 if either operand is), computed ``chunk_rows`` valid positions at a time, without
+    gradient, on the device of ``hidden`` (every argument must be on it). A bf16 head is upcast
+    in blocks (``_head_logits``), never copied whole. Returns statistics [B, T] in that dtype.
     """
     batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
     _check_chunk(chunk_rows)
@@ -73,32 +102,38 @@ def token_stats_from_hidden(
     ids, t_ids, t_lp, t_samp = (
         response_ids[mask], teacher.topk_ids[mask], teacher.topk_logprobs[mask], teacher.sampled_logprobs[mask]
     )
+    work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
     chunks = []
     for i in range(0, rows.shape[0], chunk_rows):
-        logits = F.linear(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias)
+        logits = _head_logits(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work)
         chunks.append(
             stats_for_rows(logits, ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
                            t_samp[i : i + chunk_rows], ta_k)
         )
-    return TokenStats.from_chunks(chunks, response_ids, mask, vocab, work_dtype(hidden.dtype))
+    return TokenStats.from_chunks(chunks, response_ids, mask, vocab, work)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum_i w_i * loss_i over rows, with the gradient computed chunk by chunk in forward."""
+    """sum_i w_i * loss_i over rows, with the gradient computed chunk by chunk in forward.
+
+    Each chunk's logits are made in the head's dtype (as the model's own lm_head would) and
+    differentiated in float32; the lm_head/bias gradient sums over chunks in float32 (float64
+    stays), the hidden-state gradient is written once per row in the hidden states' dtype.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, response_ids, topk_ids, topk_logprobs, sampled_logprobs,
                 token_weights_, kind, beta, chunk_rows):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        acc = work_dtype(weight.dtype)
         grad_hidden = torch.zeros_like(hidden) if need_h else None
-        grad_weight = torch.zeros_like(weight) if need_w else None
-        grad_bias = torch.zeros_like(bias) if (bias is not None and need_b) else None
-        total = torch.zeros((), dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
-                            device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (bias is not None and need_b) else None
+        total = torch.zeros((), dtype=work_dtype(hidden.dtype), device=hidden.device)
         for i in range(0, hidden.shape[0], chunk_rows):
             h = hidden[i : i + chunk_rows]
             with torch.enable_grad():
-                logits = F.linear(h, weight, bias).detach().requires_grad_(True)
+                logits = F.linear(h, weight, bias).to(acc).detach().requires_grad_(True)
                 per_token = token_losses_for_rows(
                     logits, response_ids[i : i + chunk_rows], topk_ids[i : i + chunk_rows],
                     topk_logprobs[i : i + chunk_rows], sampled_logprobs[i : i + chunk_rows], kind, beta,
@@ -106,11 +141,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 chunk_loss = (per_token * token_weights_[i : i + chunk_rows].to(per_token.dtype)).sum()
                 (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
             total += chunk_loss.detach().to(total.dtype)
-            grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
-                grad_hidden[i : i + chunk_rows] = grad_logits @ weight
+                grad_hidden[i : i + chunk_rows] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), h.to(weight.dtype))
+                # Only the chunk is upcast: [V, c] x [c, H] straight into the float32 sum.
+                grad_weight.addmm_(grad_logits.t(), h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             del logits, per_token, grad_logits
@@ -118,6 +153,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.consumed = False
         return total
 
@@ -127,10 +163,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("the lean TIP loss supports one backward pass per forward (no retain_graph reuse)")
         ctx.consumed = True
-        # Scaled in place and handed over: autograd then adopts the buffers as .grad, so no
-        # second lm_head-sized tensor is allocated.
-        grads = [g.mul_(grad_output.to(g.dtype)) if present else None
-                 for g, present in zip(ctx.saved_tensors, ctx.present)]
+        # Scaled in place and handed over in the input's dtype: autograd adopts the buffers as
+        # .grad, so at most one cast copy of an lm_head-sized tensor is made (none in float32).
+        grads = [g.mul_(grad_output.to(g.dtype)).to(dtype) if present else None
+                 for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -225,7 +261,8 @@ def lean_distill_loss(
     )
     weights = token_weights(stats, rule, ratio, None, generator, direction=direction, scope=scope, **rule_params)
     value = kept_token_loss(
-        hidden, lm_head_weight, teacher, response_ids, weights.to(hidden.dtype), mask, lm_head_bias=lm_head_bias,
+        hidden, lm_head_weight, teacher, response_ids, weights.to(work_dtype(hidden.dtype)), mask,
+        lm_head_bias=lm_head_bias,
         kind=loss, beta=beta, normalization=normalization, chunk_rows=chunk_rows,
     )
     return LeanLossOutput(value, stats, weights, int((weights != 0).sum()), stats.num_valid)

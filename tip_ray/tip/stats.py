@@ -88,9 +88,14 @@ class TokenStats:
     def from_flat(
         cls, values: dict[str, torch.Tensor], token_ids: torch.Tensor, mask: torch.Tensor, vocab_size: int
     ) -> TokenStats:
-        """Scatter 1-D per-valid-position statistics [m] back into [B, T] tensors."""
+        """Scatter 1-D per-valid-position statistics [m] back into [B, T] tensors on the mask's
+        device; every statistic must already be on it (the caller places the batch once, rather
+        than this copying per statistic)."""
         out = {}
         for name in STAT_NAMES:
+            if values[name].device != mask.device:
+                raise ValueError(f"statistic {name} is on {values[name].device} but the mask is on {mask.device}: "
+                                 "move the batch to the device the statistics are computed on")
             full = torch.zeros(mask.shape, dtype=values[name].dtype, device=mask.device)
             full[mask] = values[name]
             out[name] = full
