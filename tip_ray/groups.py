@@ -84,6 +84,19 @@ def on_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStra
     return PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
 
 
+def check_distinct_gpus(placements: list[tuple[str, list[str]]]) -> None:
+    """Raise ``ResourceError`` when two learner ranks were given the same GPU of one node
+    (``placements[rank]`` = (node address, assigned GPU ids)): NCCL refuses two ranks of one
+    group on one device, which fractional ``cluster.learner.gpus`` lets Ray do."""
+    owner: dict[tuple[str, str], int] = {}
+    for rank, (node, gpus) in enumerate(placements):
+        for gpu in gpus:
+            if (node, gpu) in owner:
+                raise ResourceError(f"learner ranks {owner[(node, gpu)]} and {rank} share GPU {gpu} of node {node}; "
+                                    "NCCL needs one GPU per rank: set cluster.learner.gpus to 1")
+            owner[(node, gpu)] = rank
+
+
 # ---------------------------------------------------------------------------------------------
 # Actor shells.
 
@@ -92,8 +105,15 @@ class LearnerActor:
     """One learner rank; ``join`` sets up the process group and DeepSpeed."""
 
     def __init__(self, learner: LearnerConfig, selection: SelectionConfig, loss: LossConfig) -> None:
+        from tip_ray.devices import hide_unassigned_gpus
+
+        hide_unassigned_gpus()
         self.configs = (learner, selection, loss)
         self.worker = None
+
+    def gpu_placement(self) -> tuple[str, list[str]]:
+        """This rank's node address and the ids of the GPUs Ray assigned to it (none on CPU)."""
+        return ray.util.get_node_ip_address(), sorted(str(i) for i in ray.get_gpu_ids())
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group."""
@@ -103,11 +123,18 @@ class LearnerActor:
         return ray.util.get_node_ip_address(), port
 
     def join(self, master_addr: str, master_port: int, rank: int, world_size: int) -> None:
-        """Join the torch.distributed group and build the DeepSpeed engine."""
+        """Join the torch.distributed group and build the DeepSpeed engine.
+
+        ``LOCAL_RANK`` (the CUDA device DeepSpeed binds this rank to) is the index of the GPU Ray
+        assigned to this actor among the visible ones: 0 when Ray sets ``CUDA_VISIBLE_DEVICES``
+        to it, its place among all of the node's GPUs under
+        ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1`` (``tip_ray.devices``).
+        """
+        from tip_ray.devices import local_gpu_index
         from tip_ray.learner.worker import LearnerWorker
 
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_gpu_index()))
         self.worker = LearnerWorker(*self.configs)
 
     def train_step(self, batch):
@@ -151,8 +178,10 @@ class RolloutActor:
     """One rollout engine."""
 
     def __init__(self, cfg: RolloutConfig, model: str, index: int) -> None:
+        from tip_ray.devices import hide_unassigned_gpus
         from tip_ray.rollout.worker import RolloutWorker
 
+        hide_unassigned_gpus()
         self.worker = RolloutWorker(cfg, model, index)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, sampling=None):
@@ -185,8 +214,10 @@ class TeacherActor:
     """One teacher scorer."""
 
     def __init__(self, cfg: TeacherConfig) -> None:
+        from tip_ray.devices import hide_unassigned_gpus
         from tip_ray.teacher.worker import TeacherWorker
 
+        hide_unassigned_gpus()
         self.worker = TeacherWorker(cfg)
 
     def score(self, input_ids, attention_mask):
@@ -208,6 +239,11 @@ class LearnerGroup:
                            scheduling_strategy=on_bundle(self.group, i)).remote(learner, selection, loss)
             for i in range(pool.num_actors)
         ]
+        try:
+            check_distinct_gpus(ray.get([a.gpu_placement.remote() for a in self.actors]))
+        except ResourceError:
+            self.kill()
+            raise
         addr, port = ray.get(self.actors[0].rendezvous_address.remote())
         ray.get([a.join.remote(addr, port, rank, pool.num_actors) for rank, a in enumerate(self.actors)])
 

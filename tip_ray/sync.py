@@ -19,7 +19,12 @@ Transports (``sync.transport``), behind the one entry point ``sync_weights``:
     tensors as it lands and the engine resets its prefix cache at the end. The driver first
     waits until every rollout actor is idle (its calls run in order), so the sender never waits
     on a busy receiver; an actor that refuses the version still drains the broadcast, so the
-    group stays in step.
+    group stays in step. A member that dies mid-broadcast makes the others' broadcasts raise
+    within ``sync.timeout_s`` (gloo and NCCL alike: the NCCL group is built so that its
+    watchdog does not end the process, ``tip_ray.sync_group``); the send then re-raises the
+    failure, every live member leaves the broken group, and the next send forms a new one.
+    (The trainer stops the run on that failure, with gloo as with NCCL; the same command resumes
+    it from the newest checkpoint.)
 """
 
 from __future__ import annotations
@@ -107,19 +112,44 @@ class CollectiveTransport:
         start = time.perf_counter()
         if learner_group is not self.learner or list(rollout_actors) != self.actors:
             self._form(learner_group, rollout_actors)
-        served = ray.get([a.weight_version.remote() for a in self.actors])  # also waits for in-flight generation
-        if any(v >= version for v in served):
-            raise ValueError(f"weight version {version} is not newer than the versions the rollout actors serve "
-                             f"({served}); the update is refused")
-        learner_refs = learner_group.broadcast_weights_refs()
-        results = ray.get(learner_refs + [a.receive_weights.remote(version) for a in self.actors])
+        refs: list = []
+        try:
+            served = ray.get([a.weight_version.remote() for a in self.actors])  # also waits for in-flight generation
+            if any(v >= version for v in served):
+                raise ValueError(f"weight version {version} is not newer than the versions the rollout actors "
+                                 f"serve ({served}); the update is refused")
+            learner_refs = learner_group.broadcast_weights_refs()
+            refs = learner_refs + [a.receive_weights.remote(version) for a in self.actors]
+            results = ray.get(refs)
+        except ray.exceptions.RayError:  # a member died, or a broadcast failed: the group is broken
+            self._after_failure(refs)
+            raise
         sent, now = results[0], results[len(learner_refs):]
         if any(v != version for v in now):
             raise RuntimeError(f"rollout actors serve versions {now} after a sync to {version}")
         return SyncReport(version, time.perf_counter() - start, sent, self.name)
 
+    def _after_failure(self, refs: list) -> None:
+        """After a broadcast failed (a member died, or a broadcast raised ``WeightGroupError``
+        within ``sync.timeout_s``; see ``tip_ray.sync_group``): let every member's call end (each
+        is bounded by the timeout), make every live member leave the broken group, and form a
+        new group on the next send. Members that are gone are skipped; nothing here raises."""
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=self.cfg.timeout_s + 60)
+        closing = [a.close_weight_group.remote() for a in self.actors]
+        closing += [a.close_weight_group.remote() for a in self.learner.actors]
+        done, _ = ray.wait(closing, num_returns=len(closing), timeout=60)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                pass  # a dead member has nothing left to close
+        self.learner, self.actors = None, []
+
     def close(self) -> None:
-        """Every member leaves the group."""
+        """Every member leaves the group (nothing to do after a failed send: it already left)."""
+        if self.learner is None:
+            return
         ray.get([a.close_weight_group.remote() for a in self.actors])
         self.learner.close_weight_group()
 

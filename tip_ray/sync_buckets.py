@@ -117,7 +117,16 @@ def pack(bucket: Bucket, tensors: Mapping[str, torch.Tensor], device: torch.devi
     ``tensors`` maps every name of the bucket to a tensor of the planned shape and dtype (any
     device, any layout); ``ValueError`` names a missing or mismatched tensor.
     """
-    buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=device)
+    return pack_into(bucket, tensors, torch.empty(bucket.nbytes, dtype=torch.uint8, device=device))
+
+
+def pack_into(bucket: Bucket, tensors: Mapping[str, torch.Tensor], buffer: torch.Tensor) -> torch.Tensor:
+    """Fill the uint8 ``buffer`` [bucket.nbytes] (any device) with ``tensors`` as ``pack`` does; returns it.
+
+    The copies are queued on the buffer's device (on CUDA, on the current stream).
+    """
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != bucket.nbytes:
+        raise ValueError(f"a bucket buffer must be uint8 [{bucket.nbytes}], got {buffer.dtype} {tuple(buffer.shape)}")
     for slot in bucket.slots:
         meta = slot.meta
         tensor = tensors.get(meta.name)

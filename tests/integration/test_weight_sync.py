@@ -1,5 +1,6 @@
 """The collective weight sync on a local Ray cluster: a 2-rank learner (ZeRO-2 and ZeRO-3) sends
-its weights over gloo, in several buckets, to the vLLM workers of 2 rollout actors."""
+its weights over gloo, in several buckets, to the vLLM workers of 2 rollout actors; a rollout
+actor that dies breaks one sync, and the next forms a new group without it."""
 
 from __future__ import annotations
 
@@ -100,6 +101,38 @@ def test_collective_sync_serves_the_learners_weights(zero_stage, cluster, checkp
         assert ray.get(learner_refs)[0] == transport.bytes
         assert sync_weights(learner, actors, version + 1, transport).version == version + 1
         assert_actors_sample_from(ray, actors, reference, version + 1)
+    finally:
+        transport.close()
+        learner.close()
+
+
+def test_a_rollout_actor_dying_breaks_the_sync_and_the_next_sync_forms_a_new_group(cluster, checkpoints,
+                                                                                   rollout_actors):
+    """Runs last: it kills one of the module's rollout actors."""
+    from transformers import AutoModelForCausalLM
+
+    from tip_ray.groups import LearnerGroup, PoolResources
+    from tip_ray.sync import make_transport, sync_weights
+
+    ray, actors = cluster, rollout_actors
+    learner = LearnerGroup(PoolResources("learner", 1, cpus=1),
+                           LearnerConfig(model=checkpoints["student"], world_size=1, global_batch_size=2,
+                                         micro_batch_size=1),
+                           SelectionConfig(rule="soft_or", ratio=0.5), LossConfig())
+    transport = make_transport(SyncConfig(transport="collective", backend="gloo", bucket_mb=0.02, timeout_s=30),
+                               learner, actors)
+    try:
+        version = 1 + max(ray.get([a.weight_version.remote() for a in actors]))
+        ray.kill(actors[1], no_restart=True)
+        with pytest.raises(ray.exceptions.RayActorError):
+            sync_weights(learner, actors, version, transport)
+        assert transport.learner is None and transport.actors == []  # every live member left the group
+
+        report = sync_weights(learner, actors[:1], version, transport)  # a new group, without the dead actor
+        assert report.version == version and transport.formations == 2 and transport.world_size == 2
+        reference = AutoModelForCausalLM.from_pretrained(checkpoints["student"])
+        reference.load_state_dict(ray.get(learner.export_weights_ref()))
+        assert_actors_sample_from(ray, actors[:1], reference, version)
     finally:
         transport.close()
         learner.close()

@@ -13,19 +13,23 @@ from tip_ray.eval.evaluator import EvalReport, evaluate, write_samples
 def run_eval(cfg: EvalConfig) -> list[EvalReport]:
     """Greedy and/or sampled evaluation of ``cfg.model`` on ``cfg.data``; writes ``cfg.output_dir``.
 
+    The model generates on the current CUDA device when there is one, in the checkpoint's dtype.
+
     Writes ``<name>.jsonl`` (one line per sample) and ``summary.json`` for each evaluation run.
     """
     from transformers import AutoModelForCausalLM
 
     from tip_ray.checkpoints import check_model_fits_tokenizer, load_tokenizer, require_checkpoint
     from tip_ray.data.prompts import load_prompt_dataset
+    from tip_ray.devices import compute_device
     from tip_ray.rollout.hf import HFGenerator, SamplingSettings
 
     model_path = require_checkpoint(cfg.model, "model")
     tokenizer_path = require_checkpoint(cfg.tokenizer, "tokenizer") if cfg.tokenizer else model_path
     tokenizer = load_tokenizer(tokenizer_path, "model")
     dataset = load_prompt_dataset(cfg.data, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    # The checkpoint's own dtype, on the GPU when one is visible (the CPU otherwise).
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto").to(compute_device())
     check_model_fits_tokenizer(model.config, tokenizer, "model", model_path)
     engine = HFGenerator(model, tokenizer, batch_size=cfg.batch_size)
 

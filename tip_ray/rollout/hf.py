@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tip_ray.devices import to_device
 from tip_ray.types import Generation
 
 
@@ -37,7 +38,11 @@ class SamplingSettings:
 
 
 class HFGenerator:
-    """Batched generation from a ``transformers`` causal LM (left padding, KV cache)."""
+    """Batched generation from a ``transformers`` causal LM (left padding, KV cache).
+
+    Runs where the model's parameters are (the caller places the model); prompts are moved
+    there, generations come back as Python lists.
+    """
 
     def __init__(self, model, tokenizer, batch_size: int = 256) -> None:
         self.model = model
@@ -55,9 +60,15 @@ class HFGenerator:
             ids.update(config_eos)
         return sorted(i for i in ids if i is not None)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are (and where generation runs)."""
+        return next(self.model.parameters()).device
+
     @torch.no_grad()
     def update_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
-        """Load a full set of Hugging Face-named weights into the model (strict)."""
+        """Load a full set of Hugging Face-named weights (any device and dtype; copied into the
+        model's own device and dtype) into the model (strict)."""
         self.model.load_state_dict(named_tensors, strict=True)
 
     @torch.no_grad()
@@ -79,16 +90,16 @@ class HFGenerator:
     def _generate_batch(self, requests: list[tuple[int, list[int]]], sampling: SamplingSettings) -> list[Generation]:
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for _, p in requests)
-        device = next(self.model.parameters()).device
         input_ids = torch.full((len(requests), width), pad, dtype=torch.long)
         attention = torch.zeros((len(requests), width), dtype=torch.long)
         for row, (_, prompt) in enumerate(requests):
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             attention[row, width - len(prompt) :] = 1
         greedy = sampling.temperature == 0
+        input_ids, attention = to_device((input_ids, attention), self.device)
         result = self.model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
+            input_ids=input_ids,
+            attention_mask=attention,
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,

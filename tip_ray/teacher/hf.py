@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tip_ray.config import TeacherConfig
+from tip_ray.devices import compute_device, to_device
 from tip_ray.tip.support import stable_topk_ids
 
 
@@ -24,13 +25,18 @@ def top_ids(logp: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class HFScorer:
-    """A transformers causal LM scoring right-padded sequences at temperature 1."""
+    """A transformers causal LM scoring right-padded sequences at temperature 1.
+
+    The model runs on this actor's GPU when one is visible (``tip_ray.devices``), in
+    ``teacher.dtype`` (``auto``: the checkpoint's ``torch_dtype``), else on the CPU.
+    """
 
     def __init__(self, cfg: TeacherConfig) -> None:
         from transformers import AutoModelForCausalLM
 
         self.micro_batch_size = cfg.micro_batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=cfg.dtype).eval()
+        self.device = compute_device()
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=cfg.dtype).to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.vocab_size = int(self.model.config.vocab_size)
@@ -39,9 +45,10 @@ class HFScorer:
     def topk(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For right-padded ``input_ids``/``attention_mask`` [B, L]: ids [B, L-1, k] (long) and fp32
-        log-probs [B, L-1, k] of the k most likely next tokens (ties at the k-th place to the lower
-        id, in no particular order), and the fp32 log-prob [B, L-1] of the actual next token.
+        """For right-padded ``input_ids``/``attention_mask`` [B, L] on the CPU: ids [B, L-1, k]
+        (long) and fp32 log-probs [B, L-1, k] of the k most likely next tokens (ties at the k-th
+        place to the lower id, in no particular order), and the fp32 log-prob [B, L-1] of the
+        actual next token, all on the CPU. Each micro-batch runs on the model's device.
         Positions whose target is padding hold zeros (the caller fills them)."""
         batch, length = input_ids.shape
         ids = torch.zeros(batch, length - 1, k, dtype=torch.long)
@@ -56,12 +63,12 @@ class HFScorer:
             width = int(lengths[rows].max())
             if width < 2:
                 continue
-            tokens = input_ids[rows, :width]
-            logits = self.model(input_ids=tokens, attention_mask=attention_mask[rows, :width]).logits[:, :-1]
+            tokens, mask = to_device((input_ids[rows, :width], attention_mask[rows, :width]), self.device)
+            logits = self.model(input_ids=tokens, attention_mask=mask).logits[:, :-1]
             logp = torch.log_softmax(logits.float(), dim=-1)
             top = top_ids(logp, k)
             targets = tokens[:, 1:].clamp(0, self.vocab_size - 1)
-            ids[rows, : width - 1] = top
-            values[rows, : width - 1] = logp.gather(-1, top)
-            sampled[rows, : width - 1] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            ids[rows, : width - 1] = top.cpu()
+            values[rows, : width - 1] = logp.gather(-1, top).cpu()
+            sampled[rows, : width - 1] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
         return ids, values, sampled

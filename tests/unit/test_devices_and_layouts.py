@@ -1,0 +1,107 @@
+"""Which GPU an actor computes on (as Ray 2.60 sets CUDA_VISIBLE_DEVICES), and the GPU layouts
+refused at start-up because NCCL cannot run them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tip_ray.cli import compose
+from tip_ray.devices import compute_device, hide_unassigned_gpus, local_gpu_index, to_device, visible_index
+from tip_ray.groups import ResourceError, check_distinct_gpus
+
+# ---------------------------------------------------------------------------------------------
+# The device an actor uses.
+
+
+def test_ray_setting_cuda_visible_devices_to_the_assigned_gpu_makes_it_device_0():
+    # Ray's default: CUDA_VISIBLE_DEVICES is the actor's assigned ids (node-level ids).
+    assert visible_index([3], "3") == 0
+    assert visible_index(["6", "2"], "6,2") == 0  # two GPUs: the first visible one
+
+
+def test_without_ray_setting_it_the_assigned_gpu_is_found_among_the_visible_ones():
+    # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1: the node's GPUs stay visible.
+    assert visible_index([5], None) == 5
+    # ... or the raylet's own CUDA_VISIBLE_DEVICES, in which Ray's ids are entries.
+    assert visible_index(["6"], "4,5,6,7") == 2
+    assert visible_index(["7", "5"], "4,5,6,7") == 1
+
+
+def test_an_unassigned_or_invisible_gpu_is_an_error():
+    with pytest.raises(ValueError, match="no GPU is assigned"):
+        visible_index([], "0,1")
+    with pytest.raises(ValueError, match="not all visible"):
+        visible_index(["3"], "0,1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour")
+def test_on_cpu_everything_stays_on_the_cpu():
+    assert compute_device() == torch.device("cpu") and local_gpu_index() == 0
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    hide_unassigned_gpus()  # outside Ray: nothing to do
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
+    ids, mask = torch.tensor([[1, 2]]), torch.tensor([[1, 0]])
+    moved = to_device((ids, mask), torch.device("cpu"))
+    assert all(a is b for a, b in zip(moved, (ids, mask)))
+
+
+@pytest.mark.slow
+def test_a_ray_worker_given_no_gpu_sees_none():
+    import ray
+
+    def _actor_view() -> tuple[str | None, str | None, int]:  # local: Ray ships it by value
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hide_unassigned_gpus()
+        return before, os.environ.get("CUDA_VISIBLE_DEVICES"), local_gpu_index()
+
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        # Ray 2.60 leaves an actor with num_gpus=0 the CUDA_VISIBLE_DEVICES it inherits.
+        probe = ray.remote(num_cpus=1, num_gpus=0)(_actor_view).options(
+            runtime_env={"env_vars": {"CUDA_VISIBLE_DEVICES": "0,1"}})
+        before, after, index = ray.get(probe.remote())
+    finally:
+        ray.shutdown()
+    assert (before, after, index) == ("0,1", "", 0)
+
+
+def test_two_learner_ranks_on_one_gpu_are_refused():
+    check_distinct_gpus([("10.0.0.1", ["0"]), ("10.0.0.1", ["1"]), ("10.0.0.2", ["0"]), ("10.0.0.2", [])])
+    with pytest.raises(ResourceError, match="learner ranks 0 and 2 share GPU 3 of node 10.0.0.1.*cluster.learner.gpus"):
+        check_distinct_gpus([("10.0.0.1", ["3"]), ("10.0.0.1", ["4"]), ("10.0.0.1", ["3"])])
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts refused when the config is built.
+
+ONE_RANK = ["learner.world_size=1"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["cluster.learner.gpus=0.5"], r"cluster.learner.gpus = 0.5 .* its 2 ranks' NCCL group"),
+    (["cluster.learner.gpus=2"], r"cluster.learner.gpus must be at most 1"),
+    ([*ONE_RANK, "cluster.learner.gpus=0.5", "cluster.rollout.gpus=1", "sync.transport=collective"],
+     r"cluster.learner.gpus = 0.5 .* the NCCL weight sync"),
+    (["sync.transport=collective", "sync.backend=nccl"], r"sync.backend=nccl needs the learner on GPUs"),
+    (["cluster.learner.gpus=1", "cluster.rollout.gpus=0.5", "sync.transport=collective"],
+     r"cluster.rollout.gpus = 0.5: the NCCL weight sync"),
+    (["cluster.learner.gpus=1", "sync.transport=collective"], r"cluster.rollout.gpus = 0.0: the NCCL weight sync"),
+    (["cluster=1node_8gpu", "rollout=hf", "learner.micro_batch_size=1"],
+     r"sync.transport=collective needs rollout.engine=vllm"),
+])
+def test_layouts_nccl_cannot_run_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(SystemExit, match=message):
+        compose("train", overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    [*ONE_RANK, "cluster.learner.gpus=0.5"],  # one rank, weights through the object store
+    ["cluster.learner.gpus=1", "cluster.rollout.gpus=0.5", "sync.transport=collective", "sync.backend=gloo"],
+    ["cluster.learner.gpus=1", "cluster.rollout.gpus=2", "sync.transport=collective"],
+    ["cluster.rollout.gpus=0.25", "cluster.teacher.gpus=0.25"],  # engines may share GPUs without NCCL
+])
+def test_layouts_that_can_run_are_accepted(overrides):
+    compose("train", overrides)

@@ -1,0 +1,114 @@
+"""The weight group's sender on gloo: two reusable bucket buffers, plan order, and a bounded,
+recoverable failure when a receiver dies (what the NCCL group is set up to do as well)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from tip_ray.sync_buckets import TensorMeta, plan_buckets
+from tip_ray.sync_group import WeightGroup, WeightGroupError, host_store
+
+# Twelve tensors of mixed sizes and dtypes: six buckets or more at 1.5 KB per bucket.
+METAS = [TensorMeta(f"layer.{i}.weight", (8 + 16 * (i % 4), 8), ("float32", "bfloat16", "float16")[i % 3])
+         for i in range(12)]
+BUCKET_BYTES = 1500
+
+
+def tensors_for(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {m.name: torch.randn(m.shape, generator=generator).to(getattr(torch, m.dtype)) for m in METAS}
+
+
+def _receiver(plan, port: int, seed: int, results) -> None:
+    group = WeightGroup(plan, 1, 2, "gloo", timeout_s=60, host="127.0.0.1", port=port)
+    expected = tensors_for(seed)
+    got = [(n, t.clone()) for n, t in group.receive()]
+    group.close()
+    results.put(([n for n, _ in got], [n for n, t in got if torch.equal(t, expected[n])]))
+
+
+def _dying_receiver(plan, port: int) -> None:
+    WeightGroup(plan, 1, 2, "gloo", timeout_s=60, host="127.0.0.1", port=port)
+    os._exit(0)  # joined the group, gone before the broadcast
+
+
+def _two_largest(plan) -> int:
+    sizes = sorted((b.nbytes for b in plan), reverse=True)
+    return sum(sizes[:2])
+
+
+def test_the_sender_reuses_two_buffers_and_checks_plan_order():
+    plan = plan_buckets(METAS, BUCKET_BYTES)
+    assert len(plan) >= 6
+    store, _ = host_store("127.0.0.1", timeout_s=30)
+    group = WeightGroup(plan, 0, 1, "gloo", timeout_s=30, store=store)  # a group of one: nothing to wait for
+    tensors = tensors_for()
+    try:
+        with pytest.raises(ValueError, match="bucket 0 of the plan"):
+            group.send_bucket(plan[1], tensors)
+        for _ in range(2):  # two syncs: the buffers are freed after each and allocated again
+            sent = sum(group.send_bucket(bucket, tensors) for bucket in plan)
+            assert sent == sum(b.nbytes for b in plan)
+            assert 0 < group.peak_buffer_bytes <= _two_largest(plan) < sent
+            assert group._slots == [None, None] and group._works == [None, None]
+    finally:
+        group.close()
+
+
+@pytest.mark.slow
+def test_a_receiver_gets_every_bucket_bit_for_bit_through_two_buffers():
+    plan = plan_buckets(METAS, BUCKET_BYTES)
+    store, port = host_store("127.0.0.1", timeout_s=60)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    receiver = context.Process(target=_receiver, args=(plan, port, 3, results))
+    receiver.start()
+    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
+    try:
+        sent = sum(sender.send_bucket(bucket, tensors_for(3)) for bucket in plan)
+        names, exact = results.get(timeout=60)
+    finally:
+        receiver.join(timeout=30)
+        sender.close()
+    assert sent == sum(b.nbytes for b in plan)
+    assert names == exact == [m.name for m in METAS]
+    assert sender.peak_buffer_bytes <= _two_largest(plan)
+
+
+@pytest.mark.slow
+def test_a_receiver_dying_mid_sync_raises_on_the_sender_which_forms_a_new_group():
+    plan = plan_buckets(METAS, BUCKET_BYTES)
+    context = multiprocessing.get_context("spawn")
+    store, port = host_store("127.0.0.1", timeout_s=60)
+    dying = context.Process(target=_dying_receiver, args=(plan, port))
+    dying.start()
+    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=20, store=store)
+    dying.join(timeout=60)
+    tensors = tensors_for(5)
+    for _ in range(2):  # the failed sync, then one more on the broken group
+        # Every bucket but the last returns (a ZeRO-3 learner's gathers stay in step on all
+        # ranks); the last raises.
+        for bucket in plan[:-1]:
+            sender.send_bucket(bucket, tensors)
+        with pytest.raises(WeightGroupError, match="must be formed again"):
+            sender.send_bucket(plan[-1], tensors)
+    sender.close()
+
+    # This process lives on: a new group with a new receiver carries the weights.
+    store, port = host_store("127.0.0.1", timeout_s=60)
+    results = context.Queue()
+    receiver = context.Process(target=_receiver, args=(plan, port, 5, results))
+    receiver.start()
+    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
+    try:
+        for bucket in plan:
+            sender.send_bucket(bucket, tensors)
+        names, exact = results.get(timeout=60)
+    finally:
+        receiver.join(timeout=30)
+        sender.close()
+    assert names == exact == [m.name for m in METAS]
