@@ -38,3 +38,19 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The wheels bench/gpu_check.py installs on the GPU machine (CPython 3.12, x86-64 manylinux, no
+# network): DeepSpeed and what it imports that the machine's image lacks, at the CPU lock's
+# versions. Carried there with the device tool's `carry: [".gpu_wheels"]` (docs/benchmarks.md).
+GPU_WHEELS ?= .gpu_wheels
+GPU_WHEEL_PINS = $(shell grep -iE '^(hjson|pydantic|pydantic-core|annotated-types|typing-inspection|typing-extensions)==' requirements/lock-cpu.txt)
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+
+.PHONY: gpu-wheels
+gpu-wheels: | $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) \
+		$$(grep -i '^deepspeed==' requirements/lock-cpu.txt)
+	$(PY) bench/gpu_check.py --check-wheels $(GPU_WHEELS)
