@@ -46,6 +46,39 @@ def _prepare_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_pair(args: argparse.Namespace) -> int:
+    """Build a real pair offline (teacher, pruned student, prompt sets, manifest)."""
+    from tip_ray.pairs.prepare import PAIRS, prepare_pair
+    from tip_ray.pairs.source import PackageFileMissing
+
+    if args.pair not in PAIRS:
+        raise SystemExit(f"tip-ray prepare-pair: unknown pair {args.pair!r}; known pairs: {', '.join(sorted(PAIRS))}")
+    out = args.out or f"runs/{args.pair}"
+    try:
+        assets = prepare_pair(args.pair, out, rebuild=args.rebuild)
+    except PackageFileMissing as exc:
+        raise SystemExit(f"tip-ray prepare-pair: {exc}") from None
+    print(f"teacher {assets.teacher}\nstudent {assets.student}\nprompts {assets.train_data.parent}\n"
+          f"manifest {assets.root / 'manifest.json'}")
+    print(f"train it: tip-ray train experiment={args.pair}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    """Depth-prune a causal LM checkpoint: keep every k-th decoder layer or an explicit list."""
+    from tip_ray.pairs.prune import PruneError, parse_layer_list, prune_checkpoint
+
+    try:
+        layers = parse_layer_list(args.layers) if args.layers is not None else None
+        result = prune_checkpoint(args.src, args.out, keep_every=args.keep_every, layers=layers)
+    except PruneError as exc:
+        raise SystemExit(f"tip-ray prune: {exc}") from None
+    info = result.info
+    print(f"kept layers {list(result.kept_layers)} of {result.parent_layers} ({result.layer_path}); "
+          f"{info.parameters / 1e6:.1f}M parameters, {info.dtype} -> {info.path}")
+    return 0
+
+
 def compose(config_name: str, overrides: list[str]):
     """Compose ``tip_ray/conf/<config_name>.yaml`` with Hydra overrides into its typed config object.
 
@@ -150,6 +183,13 @@ def _print_summary(summary) -> None:
     table.add_row("student accuracy before", pct(summary.accuracy_before))
     table.add_row("student accuracy after", pct(summary.accuracy_after))
     table.add_row("teacher accuracy", pct(summary.teacher_accuracy))
+    for key, label, fmt in (("eval/graded", "held-out prompts graded", "{:.0f}"),
+                            ("eval/rkl", "held-out reverse KL per token", "{:.4f}"),
+                            ("eval/teacher_agreement", "held-out greedy agreement with the teacher", "{:.3f}")):
+        values = [summary.eval_before.get(key), summary.eval_after.get(key)]
+        if any(v is not None for v in values):
+            table.add_row(f"{label} (before -> after)",
+                          " -> ".join("-" if v is None else fmt.format(v) for v in values))
     if summary.steps_run:
         table.add_row("tokens kept", pct(summary.kept_fraction))
         table.add_row("throughput (response tokens/s)", f"{summary.tokens_per_second:.1f}")
@@ -221,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--rebuild", action="store_true",
                       help="train teacher and student from the seed instead of copying the shipped weights")
     prep.set_defaults(run=_prepare_demo)
+    pp = commands.add_parser("prepare-pair", help="build a real teacher/student pair offline (e.g. smollm2)")
+    pp.add_argument("pair", help="the pair to build: smollm2 (SmolLM2-135M-Instruct and its 10-layer student)")
+    pp.add_argument("--out", default=None, help="output directory (default: runs/<pair>)")
+    pp.add_argument("--rebuild", action="store_true", help="convert and prune again even when the pair is there")
+    pp.set_defaults(run=_prepare_pair)
+    pr = commands.add_parser("prune", help="depth-prune a causal LM: keep every k-th layer or a list of layers")
+    pr.add_argument("src", help="Hugging Face checkpoint directory to prune")
+    pr.add_argument("out", help="output directory (must not exist)")
+    keep = pr.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-every", type=int, help="keep layers 0, K, 2K, ... (K >= 1)")
+    keep.add_argument("--layers", help="comma-separated layer indices to keep, increasing, e.g. 0,3,6")
+    pr.set_defaults(run=_prune)
     ev = commands.add_parser("eval", help="evaluate a checkpoint on held-out prompts (Hydra overrides: key=value)")
     ev.add_argument("overrides", nargs="*", help="e.g. model=runs/embedded/teacher data=math500 data.path=...")
     ev.add_argument("--cfg", choices=["job"], help="print the composed, validated config and exit")

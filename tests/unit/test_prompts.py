@@ -415,6 +415,9 @@ PRESET_FILES = {
     "jsonl": (write_jsonl, "jsonl", {"prompt": "PROBLEM", "answer": "ANSWER"}),
     "embedded_train": (write_jsonl, "jsonl", {"id": "add:1:2", "prompt": "PROBLEM", "answer": "ANSWER", "family": "add"}),
     "embedded_test": (write_jsonl, "jsonl", {"id": "mul:3:4", "prompt": "PROBLEM", "answer": "ANSWER", "family": "mul"}),
+    "smollm2_train": (write_jsonl, "jsonl", {"id": "arith-0", "prompt": "PROBLEM", "answer": "ANSWER", "family": "arith"}),
+    "smollm2_test": (write_jsonl, "jsonl", {"id": "count-3", "prompt": "PROBLEM", "answer": "ANSWER", "family": "count"}),
+    "smollm2_test_open": (write_jsonl, "jsonl", {"id": "instr-5", "prompt": "PROBLEM", "family": "instruction"}),
 }
 
 
@@ -437,7 +440,7 @@ def test_preset_loads_a_file_of_its_schema(name, tmp_path, tokenizer):
     rows = [row, {**row, **_renumber(row)}]
     path = writer(tmp_path / f"{name}.{ext}", rows)
     ds = load_prompt_dataset(DataConfig(**{**preset, "path": str(path)}), tokenizer)
-    assert len(ds) == 2 and ds[0].answer == "ANSWER"
+    assert len(ds) == 2 and ds[0].answer == ("ANSWER" if preset.get("answer_field", "answer") else None)
     assert "PROBLEM" in ds[0].prompt_text and ds[0].prompt_text.endswith("<|im_start|>assistant\n")
     if preset.get("prompt_template", "{prompt}") != "{prompt}":
         assert "put your final answer within \\boxed{}." in ds[0].prompt_text
