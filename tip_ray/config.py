@@ -21,6 +21,14 @@ def _raise_first_failure(checks: tuple[tuple[bool, str], ...]) -> None:
 
 DATA_FORMATS = ("auto", "jsonl", "json", "parquet", "hf")
 ON_OVERLONG = ("drop", "error")
+NULL_ANSWERS = ("error", "ungraded")
+# Arguments of ``apply_chat_template`` that tip_ray sets itself (the row's messages, text out, the
+# generation prompt) or that change what it returns: never a chat-template argument of the data.
+RESERVED_CHAT_TEMPLATE_KWARGS = (
+    "conversation", "messages", "tokenize", "add_generation_prompt", "continue_final_message", "chat_template",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "padding", "truncation", "max_length",
+    "tokenizer_kwargs",
+)
 
 
 @dataclass
@@ -34,10 +42,15 @@ class DataConfig:
 
     ``prompt_field`` holds either a string or a list of chat messages (``{"role", "content"}``
     dicts, as verl/DAPO parquet files store them). ``prompt_field``, ``answer_field`` and
-    ``id_field`` may be dotted paths into nested records (``reward_model.ground_truth``).
+    ``id_field`` may be dotted paths into nested records (``reward_model.ground_truth``). A row
+    whose answer is null is an error (``null_answer=error``) or a prompt that is not graded
+    (``ungraded``: open instructions next to checkable questions; evaluation reports accuracy
+    over the graded rows).
     ``prompt_template`` formats a string prompt (``{prompt}`` is replaced) before the chat template;
     message-list prompts are used as they are. ``system_prompt`` is prepended as a system message
-    and needs ``apply_chat_template``. ``limit`` keeps the first N rows of the source (before
+    and needs ``apply_chat_template``. ``chat_template_kwargs`` are passed to the chat template as
+    variables (Qwen3's ``enable_thinking``, ``tools``, ...); every key must be a variable the
+    tokenizer's template reads (checked when the prompts are loaded). ``limit`` keeps the first N rows of the source (before
     filtering and before any shuffling), for quick runs. ``shuffle``/``seed`` drive the order in
     which a ``PromptStream`` visits the prompts.
     """
@@ -47,10 +60,12 @@ class DataConfig:
     format: str = "auto"
     prompt_field: str = "prompt"
     answer_field: str | None = "answer"
+    null_answer: str = "error"
     id_field: str | None = None
     system_prompt: str | None = None
     prompt_template: str = "{prompt}"
     apply_chat_template: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     max_prompt_tokens: int = 1024
     on_overlong: str = "drop"
     shuffle: bool = True
@@ -64,6 +79,8 @@ class DataConfig:
             raise ValueError(f"data.format must be one of {DATA_FORMATS}, got {self.format!r}")
         if self.on_overlong not in ON_OVERLONG:
             raise ValueError(f"data.on_overlong must be one of {ON_OVERLONG}, got {self.on_overlong!r}")
+        if self.null_answer not in NULL_ANSWERS:
+            raise ValueError(f"data.null_answer must be one of {NULL_ANSWERS}, got {self.null_answer!r}")
         if not self.prompt_field:
             raise ValueError("data.prompt_field must be a non-empty field name or dotted path")
         for name in ("answer_field", "id_field"):
@@ -82,6 +99,25 @@ class DataConfig:
                 "data.system_prompt needs data.apply_chat_template=true (a system message only exists in a chat "
                 "template); set data.system_prompt=null or enable the chat template"
             )
+        self._check_chat_template_kwargs()
+
+    def _check_chat_template_kwargs(self) -> None:
+        kwargs = self.chat_template_kwargs
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"data.chat_template_kwargs must be a mapping of variable names to values, got a "
+                             f"{type(kwargs).__name__}")
+        if kwargs and not self.apply_chat_template:
+            raise ValueError(f"data.chat_template_kwargs {sorted(map(str, kwargs))} need data.apply_chat_template=true "
+                             "(they are arguments of the chat template); set data.chat_template_kwargs={} or enable "
+                             "the chat template")
+        for key in kwargs:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ValueError(f"data.chat_template_kwargs: key {key!r} is not a template variable name "
+                                 "(a string such as enable_thinking)")
+            if key in RESERVED_CHAT_TEMPLATE_KWARGS:
+                raise ValueError(f"data.chat_template_kwargs: {key!r} is set by tip_ray itself (it renders each row's "
+                                 "messages to text with the generation prompt); it cannot be a chat-template argument "
+                                 f"(reserved: {', '.join(RESERVED_CHAT_TEMPLATE_KWARGS)})")
 
 
 @dataclass
@@ -503,7 +539,10 @@ class TrainerConfig:
     """The loop: how many steps, how many prompts per step, when to sync and evaluate.
 
     Evaluation (greedy, on ``eval_data``) runs before training, every ``eval_every`` steps and at
-    the end; ``eval_teacher`` also scores the teacher once at the start, for reference.
+    the end; ``eval_teacher`` also scores the teacher once at the start, for reference. It reports
+    the accuracy over the prompts that have an answer and, with ``eval_divergence``, the student's
+    per-token reverse KL to the teacher on its own greedy samples and its greedy agreement with the
+    teacher's argmax (one more teacher call and one learner statistics pass per evaluation).
     """
 
     steps: int = 100
@@ -512,6 +551,7 @@ class TrainerConfig:
     eval_every: int = 0
     eval_max_new_tokens: int = 256
     eval_teacher: bool = True
+    eval_divergence: bool = True
     output_dir: str = "runs/train"
     seed: int = 0
     mode: str = "sync"
@@ -529,6 +569,11 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ValueError(f"trainer.eval_every must be >= 0 (0 = only before and after), got {self.eval_every}")
+        if self.eval_divergence and self.eval_every % self.sync_every:
+            raise ValueError(f"trainer.eval_every={self.eval_every} must be a multiple of trainer.sync_every="
+                             f"{self.sync_every} with trainer.eval_divergence=true: the student's samples come from "
+                             "the served weights and its log-probs from the learner's, which differ between syncs; "
+                             "change eval_every or set trainer.eval_divergence=false")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass, field
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -143,6 +144,9 @@ class LearnerActor:
     def export_weights(self):
         return self.worker.export_weights()
 
+    def evaluate_tokens(self, batch):
+        return self.worker.evaluate_tokens(batch)
+
     def save_state(self, directory: str) -> None:
         self.worker.save_state(directory)
 
@@ -255,6 +259,17 @@ class LearnerGroup:
         """
         results = ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])
         return [metrics for metrics, _ in results], results[0][1]
+
+    def evaluate_tokens(self, batch) -> torch.Tensor:
+        """The student's per-token reverse KL to the teacher at every response position of
+        ``batch`` (a ``TrainBatch`` of any size): float64 [m] on the CPU, in row-major order over
+        its loss mask. The rows are split into one contiguous shard per rank (sizes differing by at
+        most one, a rank may get none); no gradient, no step (``LearnerWorker.evaluate_tokens``)."""
+        world = len(self.actors)
+        bounds = [batch.size * r // world for r in range(world + 1)]
+        parts = ray.get([a.evaluate_tokens.remote(batch.rows(bounds[r], bounds[r + 1]))
+                         for r, a in enumerate(self.actors)])
+        return torch.cat(parts)
 
     def save_state(self, directory: str) -> None:
         """Every rank writes its part of the training state under ``directory``."""

@@ -19,6 +19,7 @@ Bad input raises ``DataError`` naming the source and the problem; empty prompts 
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tip_ray.config import DataConfig
+from tip_ray.config import RESERVED_CHAT_TEMPLATE_KWARGS, DataConfig
 
 Row = dict[str, Any]
 Message = dict[str, str]
@@ -46,10 +47,12 @@ class DataError(ValueError):
 class PromptTokenizer(Protocol):
     """What the loader needs from a tokenizer (any Hugging Face tokenizer has it)."""
 
-    chat_template: str | None
+    chat_template: str | dict[str, str] | None
 
-    def apply_chat_template(self, conversation: list[Message], *, tokenize: bool, add_generation_prompt: bool) -> Any:
-        """Render messages to text (``tokenize=False``)."""
+    def apply_chat_template(
+        self, conversation: list[Message], *, tokenize: bool, add_generation_prompt: bool, **kwargs: Any
+    ) -> Any:
+        """Render messages to text (``tokenize=False``); ``kwargs`` become template variables."""
         ...
 
     def __call__(self, text: list[str], *, add_special_tokens: bool) -> Mapping[str, list[list[int]]]:
@@ -63,7 +66,8 @@ class PromptExample:
 
     ``prompt_ids``: token ids of ``prompt_text`` (the text after the prompt template and chat
     template, generation prompt included). ``answer``: the reference answer as a string, or None
-    when no ``answer_field`` is configured. ``index``: row index in the source (after ``limit``,
+    when no ``answer_field`` is configured or the row's answer is null (``null_answer=ungraded``).
+    ``index``: row index in the source (after ``limit``,
     before filtering). ``uid``: the ``id_field`` value as a string, else ``str(index)``.
     """
 
@@ -235,6 +239,83 @@ def _read_hf(target: str, split: str, limit: int | None) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Chat-template arguments
+
+# Names a Hugging Face chat template gets without being asked: functions of the renderer's
+# environment, and what tip_ray always passes.
+_TEMPLATE_GIVENS = frozenset({"raise_exception", "strftime_now", "messages", "add_generation_prompt"})
+
+
+def chat_template_variables(template: str | Mapping[str, str]) -> frozenset[str]:
+    """The variables a Jinja chat template reads from its context (over every named template when
+    ``template`` maps names to templates), as ``jinja2.meta.find_undeclared_variables`` finds them:
+    names the template only assigns (``{% set %}``, loop variables) are not among them.
+
+    Parsed with the extensions transformers renders chat templates with (``loopcontrols`` and the
+    ``{% generation %}`` block). Raises ``DataError`` when the template is not valid Jinja.
+    """
+    import jinja2
+    from jinja2 import meta, nodes
+    from jinja2.ext import Extension, loopcontrols
+
+    class _Generation(Extension):
+        # transformers' AssistantTracker tag: parsed as a plain block, its body kept.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    env = jinja2.Environment(extensions=[loopcontrols, _Generation])
+    sources = dict(template) if isinstance(template, Mapping) else {"default": template}
+    found: set[str] = set()
+    for name, source in sources.items():
+        try:
+            found |= meta.find_undeclared_variables(env.parse(source))
+        except jinja2.TemplateSyntaxError as err:
+            raise DataError(f"the tokenizer's chat template {name!r} is not valid Jinja (line {err.lineno}: "
+                            f"{err.message})") from err
+    return frozenset(found)
+
+
+def check_chat_template_kwargs(kwargs: Mapping[str, Any], tokenizer: PromptTokenizer) -> None:
+    """Refuse ``data.chat_template_kwargs`` the tokenizer's chat template would not read.
+
+    A key passes when the template reads a variable of that name (``enable_thinking`` for a
+    Qwen3 template); a typo, or an argument of another model's template, raises ``DataError``
+    naming the key and the variables the template does read. Keys that are the tokenizer's
+    special-token names (``bos_token``, ...) are refused too: transformers fills those in from the
+    tokenizer. ``DataConfig`` has already refused keys tip_ray passes itself.
+    """
+    if not kwargs:
+        return
+    reserved = sorted(set(kwargs) & set(RESERVED_CHAT_TEMPLATE_KWARGS))
+    if reserved:
+        raise DataError(f"data.chat_template_kwargs: {reserved} are set by tip_ray itself, not chat-template arguments")
+    template = getattr(tokenizer, "chat_template", None)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    if template is None:
+        raise DataError(f"data.chat_template_kwargs {sorted(kwargs)} need a chat template, and tokenizer {name!r} "
+                        "has none")
+    special_tokens = set(getattr(tokenizer, "special_tokens_map", None) or {})
+    special = sorted(set(kwargs) & special_tokens)
+    if special:
+        raise DataError(f"data.chat_template_kwargs: {special} are the tokenizer's special tokens, which "
+                        "transformers passes to the template itself; set them on the tokenizer instead")
+    readable = sorted(chat_template_variables(template) - _TEMPLATE_GIVENS - special_tokens)
+    for key in sorted(kwargs):
+        if key in readable:
+            continue
+        close = difflib.get_close_matches(key, sorted(readable), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(
+            f"data.chat_template_kwargs: the chat template of tokenizer {name!r} never reads {key!r}{hint}; the "
+            f"variables it reads are {sorted(readable) or 'none besides the messages'}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Rows -> prompts
 
 
@@ -243,7 +324,9 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
 
     A string prompt is formatted with ``cfg.prompt_template``; a list-of-messages prompt is used as
     it is. With ``cfg.apply_chat_template``, messages ``[system?] + [user]`` are rendered by
-    ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)`` and tokenized
+    ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True,
+    **cfg.chat_template_kwargs)`` (the kwargs checked against the template's variables first,
+    ``check_chat_template_kwargs``) and tokenized
     without adding special tokens again; without it, the formatted string is tokenized with the
     tokenizer's usual special tokens (e.g. BOS). Rows whose prompt is empty are skipped; rows over
     ``cfg.max_prompt_tokens`` tokens are skipped (``on_overlong=drop``) or raise (``error``).
@@ -256,6 +339,7 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
             f"tokenizer {name!r} has no chat template; set data.apply_chat_template=false to use the prompt "
             "text as it is, or use a tokenizer with a chat template"
         )
+    check_chat_template_kwargs(cfg.chat_template_kwargs, tokenizer)
     rows = read_rows(cfg)
 
     texts: list[str] = []
@@ -264,7 +348,7 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
     dropped_empty = 0
     for index, row in enumerate(rows):
         prompt = _required(row, cfg.prompt_field, index, source, "data.prompt_field")
-        answer = _answer(row, cfg.answer_field, index, source)
+        answer = _answer(row, cfg, index, source)
         uid = _uid(row, cfg.id_field, index, source, seen_uids)
         text = _render(prompt, cfg, tokenizer, index, source)
         if text is None:
@@ -305,12 +389,16 @@ def _required(row: Row, field: str, index: int, source: str, option: str) -> Any
         ) from err
 
 
-def _answer(row: Row, field: str | None, index: int, source: str) -> str | None:
+def _answer(row: Row, cfg: DataConfig, index: int, source: str) -> str | None:
+    field = cfg.answer_field
     if field is None:
         return None
     value = _required(row, field, index, source, "data.answer_field")
     if value is None:
-        raise DataError(f"{source}: row {index}: answer {field!r} is null")
+        if cfg.null_answer == "ungraded":
+            return None
+        raise DataError(f"{source}: row {index}: answer {field!r} is null (set data.null_answer=ungraded to keep "
+                        "such rows as prompts that are not graded)")
     if isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -363,7 +451,8 @@ def _render(prompt: Any, cfg: DataConfig, tokenizer: PromptTokenizer, index: int
                 f"{source}: row {index} already starts with a system message; set data.system_prompt=null to keep it"
             )
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **cfg.chat_template_kwargs)
     if not isinstance(text, str):
         raise DataError(f"apply_chat_template returned a {type(text).__name__}, expected text (tokenize=False)")
     return text

@@ -77,7 +77,8 @@ def evaluate(
     grade = get_grader(grader)
     examples = [dataset[i] for i in range(len(dataset))]
     if any(ex.answer is None for ex in examples):
-        raise ValueError("evaluation needs an answer for every prompt: set data.answer_field")
+        raise ValueError("tip-ray eval grades every prompt, so every prompt needs an answer: set data.answer_field "
+                         "and keep data.null_answer=error (training evaluation accepts ungraded prompts)")
     generations = engine.generate([ex.prompt_ids for ex in examples], sampling)
     per_prompt: list[list[bool]] = [[] for _ in examples]
     samples = []

@@ -14,6 +14,8 @@ One optimizer step::
     optim_step()              clip, step, schedule
     train_step(batch)         both, in one call (what the Ray actor runs each step)
     export_weights()          the full student weights (gathered from ZeRO-3 shards)
+    evaluate_tokens(batch)    held-out evaluation: per-token reverse KL of the current weights to
+                              the teacher, no gradient, nothing selected, nothing stepped
 
 Each rank's loss is its share of the global kept-token mean, scaled by the world size because
 DeepSpeed averages gradients over ranks: the step's gradient is that of the global mean.
@@ -362,6 +364,43 @@ class LearnerWorker:
                            quadrant_shares=quadrants(flat_stats).shares, entropy_mean=mean(entropy),
                            entropy_kept_mean=mean(entropy[kept_mask]), rkl_mean=mean(rkl),
                            rkl_kept_mean=mean(rkl[kept_mask]))
+
+    @torch.no_grad()
+    def evaluate_tokens(self, batch: TrainBatch) -> torch.Tensor:
+        """Reverse KL(P_S || P_T) of the current weights at every response position of ``batch``:
+        float64 [m] on the CPU, in row-major order over ``batch.loss_mask`` (m = its True count).
+
+        The statistics pass of training (``token_stats_from_hidden``: exact with the full teacher
+        distribution, top-K + tail otherwise) on ``learner.micro_batch_size`` rows at a time,
+        without gradient; no selection, no optimizer state, the step count unchanged. ``batch``
+        may hold any number of rows, none included; every rank must call it: ranks with fewer
+        micro-batches run an idle forward for each one they lack, so that every rank joins every
+        ZeRO-3 gather. Bad input on any rank raises ``ValueError`` on every rank.
+        """
+        batch = self.place(batch)
+        size = self.cfg.micro_batch_size
+        micro = [batch.rows(start, start + size) for start in range(0, batch.size, size)]
+        rounds = int(collectives.max_over_ranks(float(len(micro))))
+        idle = to_device(torch.zeros((1, 2), dtype=torch.long), self.device)
+        values, error = [], None
+        for i in range(rounds):
+            mb = micro[i] if i < len(micro) else None
+            hidden = self._hidden(mb) if mb is not None else self.engine(input_ids=idle,
+                                                                         attention_mask=torch.ones_like(idle))
+            with self._lm_head() as (weight, bias):
+                if mb is None or error is not None:
+                    continue
+                try:
+                    stats = token_stats_from_hidden(hidden, weight, mb.teacher, mb.targets, mb.loss_mask,
+                                                    lm_head_bias=bias, ta_k=self.cfg.ta_k,
+                                                    chunk_rows=self.cfg.chunk_rows)
+                except ValueError as exc:  # bad input on this rank: every rank must hear of it
+                    error = str(exc)
+                    continue
+                values.append(stats.rkl[mb.loss_mask].double().cpu())
+        if not collectives.all_ranks_agree(error is None):
+            raise ValueError(f"learner rank {dist.get_rank()}: " + (error or "another rank rejected its batch"))
+        return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
 
     def train_step(self, batch: TrainBatch) -> tuple[StepMetrics, dict[str, float] | None]:
         """``forward_backward`` then ``optim_step`` (one call per rank and step); the optimizer

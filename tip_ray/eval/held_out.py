@@ -1,0 +1,93 @@
+"""What the training loop reports on its held-out prompts: accuracy where an answer can be graded,
+and how far the student is from the teacher on its own greedy samples.
+
+- ``eval/accuracy``: the fraction of graded samples that are correct; a prompt without an answer
+  is not graded (it still counts for the divergence metrics). ``eval/graded``: how many were.
+- ``eval/rkl``: the mean over response tokens of KL(P_S || P_T) at the student's own greedy
+  samples (TIP_SPEC section 2: exact with the teacher's full distribution, the top-K + tail
+  estimate otherwise), computed by the learner from its current weights.
+- ``eval/teacher_agreement``: the fraction of response positions where the student's greedy
+  token equals the teacher's argmax at the same prefix (exact for any K: the argmax is in the
+  teacher's top-K).
+
+The pure pieces live here (grading, the teacher's argmax, the summary); the driver
+(``tip_ray.trainer.Trainer.held_out``) runs the pools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tip_ray.data.grading import get_grader
+from tip_ray.tip.signal import TeacherSignal
+from tip_ray.types import Generation
+
+
+@dataclass(frozen=True)
+class HeldOutEval:
+    """One evaluation of the student on the held-out prompts.
+
+    ``generations``: the greedy samples, one per prompt, in prompt order. ``correct``: per
+    sample, whether it is right, or None when its prompt has no answer. ``rkl`` float64 [m] and
+    ``agreement`` bool [m]: per response token of the samples, in sample order then position
+    order (m = total response tokens); None when the divergence was not measured.
+    """
+
+    generations: tuple[Generation, ...]
+    correct: tuple[bool | None, ...]
+    rkl: torch.Tensor | None = None
+    agreement: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.correct) != len(self.generations):
+            raise ValueError(f"{len(self.correct)} grades for {len(self.generations)} samples")
+        tokens = sum(len(g.token_ids) for g in self.generations)
+        for name in ("rkl", "agreement"):
+            values = getattr(self, name)
+            if values is not None and tuple(values.shape) != (tokens,):
+                raise ValueError(f"{name} must hold one value per response token, [{tokens}], got "
+                                 f"{tuple(values.shape)}")
+
+    @property
+    def graded(self) -> int:
+        """Samples whose prompt has an answer."""
+        return sum(c is not None for c in self.correct)
+
+    @property
+    def accuracy(self) -> float | None:
+        """Correct / graded samples, or None when none could be graded."""
+        graded = [c for c in self.correct if c is not None]
+        return sum(graded) / len(graded) if graded else None
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """``accuracy`` (when any sample was graded), ``graded``, and ``rkl``/``teacher_agreement``
+        (when measured, over at least one response token), each under ``prefix``."""
+        out: dict[str, float] = {f"{prefix}graded": self.graded}
+        if self.accuracy is not None:
+            out[f"{prefix}accuracy"] = self.accuracy
+        if self.rkl is not None and self.rkl.numel():
+            out[f"{prefix}rkl"] = float(self.rkl.double().mean())
+        if self.agreement is not None and self.agreement.numel():
+            out[f"{prefix}teacher_agreement"] = float(self.agreement.double().mean())
+        return out
+
+
+def grade_samples(texts: Sequence[str], answers: Sequence[str | None], grader: str) -> tuple[bool | None, ...]:
+    """Per sample, whether ``texts[i]`` states ``answers[i]`` (grader ``grader``), None where the
+    answer is None (the prompt is not graded)."""
+    if len(texts) != len(answers):
+        raise ValueError(f"{len(texts)} samples for {len(answers)} answers")
+    grade = get_grader(grader)
+    return tuple(None if answer is None else bool(grade(text, answer)) for text, answer in zip(texts, answers))
+
+
+def teacher_agreement(signal: TeacherSignal, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Whether the teacher's argmax equals the sampled token, per response position: bool [m], in
+    row-major order over ``loss_mask`` [B, L-1] (``signal`` [B, L-1, K], ``input_ids`` [B, L]; on
+    one device, the result on it). Position t predicts ``input_ids[:, t + 1]``."""
+    best = signal.topk_logprobs.argmax(-1, keepdim=True)
+    teacher_top = signal.topk_ids.gather(-1, best).squeeze(-1).long()
+    return (teacher_top == input_ids[:, 1:].long())[loss_mask]
