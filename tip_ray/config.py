@@ -261,6 +261,10 @@ class LearnerConfig:
     recomputes the layer in the backward (transformers' non-reentrant checkpointing): activation
     memory falls from every layer's intermediates to one layer's, for about one more backbone
     forward per gradient pass. The same gradients either way; on in the GPU experiment presets.
+
+    ``chunk_rows`` tokens at a time go through the lm_head in both passes; the statistics pass
+    also walks the vocabulary ``vocab_chunk`` ids at a time (an online log-sum-exp), so it never
+    holds [chunk_rows, V] logits and the kept-token gradient pass sets the peak.
     """
 
     model: str
@@ -279,6 +283,7 @@ class LearnerConfig:
     global_batch_size: int = 8
     micro_batch_size: int = 4
     chunk_rows: int = 512
+    vocab_chunk: int = 16384
     ta_k: int = 16
     seed: int = 0
     single_forward: bool = False
@@ -304,6 +309,7 @@ class LearnerConfig:
              f"learner.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}"),
             (0 <= self.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.chunk_rows >= 1, f"learner.chunk_rows must be >= 1, got {self.chunk_rows}"),
+            (self.vocab_chunk >= 1, f"learner.vocab_chunk must be >= 1, got {self.vocab_chunk}"),
         )
         _raise_first_failure(checks)
 

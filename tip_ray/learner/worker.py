@@ -246,7 +246,7 @@ class LearnerWorker:
                         # time, not a float32 copy of the whole head per micro-batch.
                         stats.append(token_stats_from_hidden(
                             hidden.detach(), weight, mb.teacher, mb.targets, mb.loss_mask, lm_head_bias=bias,
-                            ta_k=self.cfg.ta_k, chunk_rows=self.cfg.chunk_rows))
+                            ta_k=self.cfg.ta_k, chunk_rows=self.cfg.chunk_rows, vocab_chunk=self.cfg.vocab_chunk))
                     except ValueError as exc:  # bad input on this rank: every rank must hear of it
                         error = error or str(exc)
         if not collectives.all_ranks_agree(error is None):
@@ -393,7 +393,8 @@ class LearnerWorker:
                 try:
                     stats = token_stats_from_hidden(hidden, weight, mb.teacher, mb.targets, mb.loss_mask,
                                                     lm_head_bias=bias, ta_k=self.cfg.ta_k,
-                                                    chunk_rows=self.cfg.chunk_rows)
+                                                    chunk_rows=self.cfg.chunk_rows,
+                                                    vocab_chunk=self.cfg.vocab_chunk)
                 except ValueError as exc:  # bad input on this rank: every rank must hear of it
                     error = str(exc)
                     continue

@@ -4,13 +4,18 @@ Full-vocabulary logits, not the backbone, set a distillation learner's peak memo
 never holds them with gradient:
 
 1. ``token_stats_from_hidden``: the lm_head runs on the valid hidden states chunk by chunk
-   without gradient, and only the per-token statistics (a few floats per token) are kept;
+   without gradient, each chunk of rows streamed over blocks of ``vocab_chunk`` vocabulary ids
+   (an online log-sum-exp, as in fused cross-entropy kernels), and only the per-token
+   statistics (a few floats per token) are kept;
 2. selection picks the kept tokens (over the global batch, if the caller gathers statistics);
 3. ``kept_token_loss``: the lm_head and the loss run on the kept hidden states alone, one chunk
    at a time; each chunk's gradient with respect to its logits is turned into gradients of the
    hidden states and the lm_head at once, so no chunk's logits outlive the chunk.
 
-Working memory is O(chunk_rows * V) whatever the number of tokens, plus the lm_head's gradient.
+Working memory is O(chunk_rows * vocab_chunk) for the statistics and O(chunk_rows * V) for the
+kept-token loss, whatever the number of tokens, plus the lm_head's gradient. The loss's chunks
+hold min(chunk_rows, kept rows) rows, so its peak, which sets the whole path's, falls with the
+retention ratio once fewer than ``chunk_rows`` rows are kept.
 
 Precision: statistics are computed from float32 logits (float64 stays float64) even when the
 backbone and the lm_head are bf16: the lm_head is upcast ``HEAD_BLOCK_ROWS`` vocabulary rows at a
@@ -21,6 +26,8 @@ would lose the small late contributions.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +37,27 @@ from torch.autograd.function import once_differentiable
 from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losses_for_rows
 from tip_ray.tip.select import Direction, Scope, token_weights
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, stats_for_rows, validate_student_inputs, work_dtype
+from tip_ray.tip.stats import (
+    DEFAULT_TA_K,
+    TokenStats,
+    renormalised_entropy,
+    stats_for_rows,
+    union_forward_kl,
+    validate_student_inputs,
+    work_dtype,
+)
+from tip_ray.tip.support import (
+    aligned_distributions,
+    generalized_jsd_over,
+    kl_over,
+    stable_topk_ids,
+    teacher_logprob_lookup,
+)
 
 DEFAULT_LEAN_CHUNK_ROWS = 512
+# Vocabulary entries per block of the statistics pass: its temporaries are [chunk_rows x
+# DEFAULT_LEAN_VOCAB_CHUNK] (32 MiB each in float32 at 512 rows) instead of [chunk_rows x V].
+DEFAULT_LEAN_VOCAB_CHUNK = 16384
 # Vocabulary rows of a low-precision lm_head upcast at a time for the statistics' logits: a
 # [HEAD_BLOCK_ROWS, H] float32 copy (84 MB at H = 2560) instead of the whole head's.
 HEAD_BLOCK_ROWS = 8192
@@ -50,9 +75,9 @@ def _check_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias
     return hidden.shape[0], hidden.shape[1], lm_head_weight.shape[0]
 
 
-def _check_chunk(chunk_rows: int) -> None:
+def _check_chunk(chunk_rows: int, name: str = "chunk_rows") -> None:
     if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        raise ValueError(f"{name} must be >= 1, got {chunk_rows}")
 
 
 def _head_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -84,6 +109,7 @@ def token_stats_from_hidden(
     lm_head_bias: torch.Tensor | None = None,
     ta_k: int = DEFAULT_TA_K,
     chunk_rows: int = DEFAULT_LEAN_CHUNK_ROWS,
+    vocab_chunk: int = DEFAULT_LEAN_VOCAB_CHUNK,
 ) -> TokenStats:
     """Token statistics from final hidden states [B, T, H] and the lm_head ([V, H], bias [V]).
 
@@ -91,9 +117,16 @@ def token_stats_from_hidden(
     (float64 if either operand is), computed ``chunk_rows`` valid positions at a time, without
     gradient, on the device of ``hidden`` (every argument must be on it). A bf16 head is upcast
     in blocks (``_head_logits``), never copied whole. Returns statistics [B, T] in that dtype.
+
+    ``vocab_chunk`` < V streams each block of rows over ``vocab_chunk`` vocabulary entries at a
+    time (``_streamed_stats_for_rows``): the working memory is O(chunk_rows x vocab_chunk) plus
+    O(rows x K) for the teacher signal, never a [chunk_rows, V] tensor (except the teacher's own
+    dense distribution in full mode, K = V). ``vocab_chunk`` >= V computes each block's full
+    logits and hands them to ``stats_for_rows``, the kernel of ``compute_token_stats``.
     """
     batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
     _check_chunk(chunk_rows)
+    _check_chunk(vocab_chunk, "vocab_chunk")
     validate_student_inputs((batch, length), vocab, response_ids, mask)
     teacher.validate(batch, length, vocab, mask)
     rows = hidden[mask]
@@ -105,12 +138,210 @@ def token_stats_from_hidden(
     work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
     chunks = []
     for i in range(0, rows.shape[0], chunk_rows):
-        logits = _head_logits(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work)
-        chunks.append(
-            stats_for_rows(logits, ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
-                           t_samp[i : i + chunk_rows], ta_k)
-        )
+        part = (ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
+                t_samp[i : i + chunk_rows], ta_k)
+        if vocab_chunk >= vocab:
+            logits = _head_logits(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work)
+            chunks.append(stats_for_rows(logits, *part))
+            del logits
+        else:
+            chunks.append(_streamed_stats_for_rows(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work,
+                                                   vocab_chunk, *part))
     return TokenStats.from_chunks(chunks, response_ids, mask, vocab, work)
+
+
+def _vocab_blocks(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  vocab_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, logits [N, stop - start]) for consecutive vocabulary blocks of ``vocab_chunk``
+    ids, on the rows' device, in ``dtype``; raises if a logit is NaN or inf (as ``stats_for_rows``
+    does, and before a NaN can reach a top-k)."""
+    vocab = weight.shape[0]
+    for start in range(0, vocab, vocab_chunk):
+        stop = min(start + vocab_chunk, vocab)
+        logits = _head_logits(rows, weight[start:stop], None if bias is None else bias[start:stop], dtype)
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("student logits hold NaN or inf at a response position")
+        yield start, logits
+        del logits  # before the next block is made, not after
+
+
+def _gather_in_block(values: torch.Tensor, ids: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [N, G] with the entries of ``ids`` [N, G] that fall in the block ``values`` [N, W]
+    (vocabulary ids start .. start + W - 1) replaced by their values."""
+    local = ids - start
+    inside = (local >= 0) & (local < values.shape[-1])
+    return torch.where(inside, values.gather(-1, local.clamp(0, values.shape[-1] - 1)), out)
+
+
+def _streamed_stats_for_rows(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    vocab_chunk: int,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    ta_k: int,
+) -> dict[str, torch.Tensor]:
+    """``stats_for_rows`` of the logits ``rows @ weight.T + bias`` without ever holding them whole.
+
+    rows [N, H], weight [V, H], bias [V]; teacher [N, K], [N, K], [N]; ids [N]; statistics in
+    ``dtype``, on the rows' device. One pass over vocabulary blocks of ``vocab_chunk`` ids keeps,
+    per row: an online log-sum-exp (running max m, Z = sum exp(l - m)), the entropy's
+    A = sum exp(l - m) (l - m) (both rescaled when m grows), the logits at the ids the statistics
+    read (the teacher's top-K or, in full mode, its top-``ta_k``, and the sampled token), the
+    mass outside the teacher's support (top-K mode's tail bucket) and the running stable top-k
+    of the student. Log-probs are then l - m - ln Z, and the statistics are formed from these by
+    the same functions as ``stats_for_rows``. Full mode (K = V) needs every log-prob of both
+    sides for its exact divergences: it recomputes each block in a second pass.
+    """
+    n, vocab = rows.shape[0], weight.shape[0]
+    full = topk_ids.shape[-1] == vocab
+    k = min(ta_k, vocab)
+    ids = response_ids.long()
+    t_ids = topk_ids.long()
+    teacher_log = None
+    if full:
+        # The teacher's whole distribution arrived as [N, V]: densified per block of rows, as
+        # aligned_distributions does, so that its top-k and lookups are plain gathers.
+        _, teacher_log, _ = aligned_distributions(
+            torch.zeros(n, vocab, dtype=dtype, device=rows.device), ids, t_ids, topk_logprobs,
+            sampled_logprobs, True)
+        t_top_ids = stable_topk_ids(teacher_log, k)
+        read_ids = torch.cat([t_top_ids, ids.unsqueeze(-1)], dim=-1)
+    else:
+        read_ids = torch.cat([t_ids, ids.unsqueeze(-1)], dim=-1)
+
+    # A few more candidates than k: the final ranking is by log-prob, where logits a rounding
+    # apart can tie and the tie then goes to the lower id, as in stats_for_rows.
+    n_cand = min(2 * k, vocab)
+    m = z = a = tail = None
+    cand_vals = cand_ids = None
+    read = torch.zeros(read_ids.shape, dtype=dtype, device=rows.device)
+    for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
+        width = logits.shape[-1]
+        block_max = logits.amax(-1)
+        new_m = block_max if m is None else torch.maximum(m, block_max)
+        shifted = logits - new_m.unsqueeze(-1)
+        e = shifted.exp()
+        block_z, block_a = e.sum(-1), (e * shifted).sum(-1)
+        if not full:
+            local = read_ids - start
+            support = torch.zeros(n, width + 1, dtype=torch.bool, device=rows.device).scatter_(
+                -1, torch.where((local >= 0) & (local < width), local, width), True)[:, :width]
+            block_tail = e.masked_fill(support, 0.0).sum(-1)
+            del support
+        del shifted, e
+        if m is None:
+            z, a = block_z, block_a
+            tail = None if full else block_tail
+        else:
+            # Rescale the running sums from max m to new_m: exp(l - new_m) = exp(m - new_m) exp(l - m).
+            step = m - new_m
+            scale = step.exp()
+            a = scale * (a + step * z) + block_a
+            z = scale * z + block_z
+            if not full:
+                tail = scale * tail + block_tail
+        m = new_m
+        read = _gather_in_block(logits, read_ids, start, read)
+
+        # Running top-n_cand by logit, ties to the lower id; candidates stay in id order, so the
+        # concatenation below is in id order too (earlier blocks hold lower ids).
+        local_top = stable_topk_ids(logits, min(n_cand, width))
+        vals, top_ids = logits.gather(-1, local_top), local_top + start
+        if cand_vals is not None:
+            vals, top_ids = torch.cat([cand_vals, vals], dim=-1), torch.cat([cand_ids, top_ids], dim=-1)
+        keep = stable_topk_ids(vals, min(n_cand, vals.shape[-1]))
+        cand_vals, cand_ids = vals.gather(-1, keep), top_ids.gather(-1, keep)
+        del logits
+
+    log_z = z.log()
+    read_lp = (read - m.unsqueeze(-1)) - log_z.unsqueeze(-1)
+    cand_lp = (cand_vals - m.unsqueeze(-1)) - log_z.unsqueeze(-1)
+    pick = stable_topk_ids(cand_lp, k)
+    s_top_ids, s_top_lp = cand_ids.gather(-1, pick), cand_lp.gather(-1, pick)
+    entropy = log_z - a / z
+    s_sampled = read_lp[:, -1]
+    sampled_lr = s_sampled - sampled_logprobs.to(dtype)
+
+    if full:
+        rkl = torch.zeros(n, dtype=dtype, device=rows.device)
+        fkl, jsd = torch.zeros_like(rkl), torch.zeros_like(rkl)
+        # Every divergence is a sum over the vocabulary: summed block by block.
+        for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
+            s_log = (logits - m.unsqueeze(-1)) - log_z.unsqueeze(-1)
+            t_log = teacher_log[:, start : start + logits.shape[-1]]
+            valid = torch.ones_like(s_log, dtype=torch.bool)
+            rkl += kl_over(s_log, t_log, valid)
+            fkl += kl_over(t_log, s_log, valid)
+            jsd += generalized_jsd_over(s_log, t_log, valid, 0.5)
+            del logits, s_log, valid
+        rkl, fkl = rkl.clamp(min=0), fkl.clamp(min=0)
+        jsd = (jsd / math.log(2)).clamp(0, 1)
+
+        def lookup(query: torch.Tensor) -> torch.Tensor:
+            return teacher_log.gather(-1, query)
+
+        s_at_t_top = read_lp[:, :k]
+    else:
+        s_log, t_log, valid = _aligned_from_parts(read_lp, (tail.log() - log_z), ids, t_ids, topk_logprobs,
+                                                  sampled_logprobs)
+        rkl = kl_over(s_log, t_log, valid).clamp(min=0)
+        fkl = kl_over(t_log, s_log, valid).clamp(min=0)
+        jsd = (generalized_jsd_over(s_log, t_log, valid, 0.5) / math.log(2)).clamp(0, 1)
+        t_lp = topk_logprobs.to(dtype)
+
+        def lookup(query: torch.Tensor) -> torch.Tensor:
+            return teacher_logprob_lookup(query, response_ids, topk_ids, t_lp, sampled_logprobs)
+
+        t_top_pos = stable_topk_ids(t_lp, min(k, t_lp.shape[-1]))
+        t_top_ids = t_ids.gather(-1, t_top_pos)
+        s_at_t_top = read_lp[:, :-1].gather(-1, t_top_pos)
+
+    mass_on_student_top = lookup(s_top_ids).exp().sum(-1)
+    ta_entropy = renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)
+    ta_fkl = union_forward_kl(s_top_ids, s_top_lp, t_top_ids, s_at_t_top, lookup)
+    return {
+        "entropy": entropy,
+        "entropy_norm": entropy / math.log(vocab) if vocab > 1 else torch.zeros_like(entropy),
+        "rkl": rkl,
+        "fkl": fkl,
+        "jsd": jsd,
+        "sampled_lr": sampled_lr,
+        "teacher_mass_on_student_topk": mass_on_student_top.clamp(0, 1),
+        "ta_entropy": ta_entropy,
+        "ta_fkl": ta_fkl,
+    }
+
+
+def _aligned_from_parts(
+    read_lp: torch.Tensor,
+    tail_log: torch.Tensor,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``aligned_distributions`` (top-K mode) from the student's log-probs at the teacher's ids
+    and the sampled id (``read_lp`` [N, K + 1]) and its log-mass outside them (``tail_log`` [N]).
+
+    The same function defines the support, bucket and renormalisation: it is handed a compact
+    "vocabulary" of K + 2 entries per row (the K teacher ids, the sampled id when it is not
+    among them, else -inf, and one entry holding the whole tail), whose tail is then exactly
+    ``tail_log``.
+    """
+    n, k = topk_ids.shape
+    hits = topk_ids == response_ids.unsqueeze(-1)
+    is_new = ~hits.any(-1)
+    compact_sampled = torch.where(is_new, k, hits.int().argmax(-1))
+    neg_inf = read_lp.new_full((), float("-inf"))
+    compact = torch.cat([read_lp[:, :-1], torch.where(is_new, read_lp[:, -1], neg_inf).unsqueeze(-1),
+                         tail_log.unsqueeze(-1)], dim=-1)
+    compact_topk = torch.arange(k, device=topk_ids.device).expand(n, k)
+    return aligned_distributions(compact, compact_sampled, compact_topk, topk_logprobs, sampled_logprobs, False)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

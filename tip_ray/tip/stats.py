@@ -7,6 +7,7 @@ kernel it shares with the memory-lean path, which feeds it one chunk of logits a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -155,8 +156,8 @@ def stats_for_rows(
         t_top_ids = topk_ids.long().gather(-1, stable_topk_ids(t_lp, min(k, t_lp.shape[-1])))
 
     mass_on_student_top = lookup(s_top_ids).exp().sum(-1)
-    ta_entropy = _renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)
-    ta_fkl = _union_forward_kl(logp, s_top_ids, t_top_ids, lookup)
+    ta_entropy = renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)
+    ta_fkl = union_forward_kl(s_top_ids, s_top_lp, t_top_ids, logp.gather(-1, t_top_ids), lookup)
 
     return {
         "entropy": entropy,
@@ -171,17 +172,24 @@ def stats_for_rows(
     }
 
 
-def _renormalised_entropy(top_logp: torch.Tensor) -> torch.Tensor:
+def renormalised_entropy(top_logp: torch.Tensor) -> torch.Tensor:
+    """Entropy [N] of the distribution ``top_logp`` [N, k] renormalised over its k slots."""
     logq = top_logp - torch.logsumexp(top_logp, dim=-1, keepdim=True)
     return -(logq.exp() * logq).sum(-1)
 
 
-def _union_forward_kl(logp: torch.Tensor, s_top_ids: torch.Tensor, t_top_ids: torch.Tensor, lookup) -> torch.Tensor:
-    """KL(P_T || P_S) over (student top-k) union (teacher top-k), both renormalised on it."""
+def union_forward_kl(s_top_ids: torch.Tensor, s_top_lp: torch.Tensor, t_top_ids: torch.Tensor,
+                     s_at_t_top: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """KL(P_T || P_S) [N] over (student top-k) union (teacher top-k), both renormalised on it.
+
+    ``s_top_ids`` [N, k] with the student's log-probs ``s_top_lp`` there, ``t_top_ids`` [N, k']
+    (k' <= k) with the student's log-probs ``s_at_t_top`` there; ``lookup`` maps ids [N, Q] to
+    the teacher's log-probs [N, Q].
+    """
     repeated = (t_top_ids.unsqueeze(-1) == s_top_ids.unsqueeze(-2)).any(-1)
     union_ids = torch.cat([s_top_ids, t_top_ids], dim=-1)
     valid = torch.cat([torch.ones_like(s_top_ids, dtype=torch.bool), ~repeated], dim=-1)
-    s = logp.gather(-1, union_ids).masked_fill(~valid, float("-inf"))
+    s = torch.cat([s_top_lp, s_at_t_top], dim=-1).masked_fill(~valid, float("-inf"))
     t = lookup(union_ids).masked_fill(~valid, float("-inf"))
     s = s - torch.logsumexp(s, dim=-1, keepdim=True)
     t = t - torch.logsumexp(t, dim=-1, keepdim=True)
