@@ -60,7 +60,7 @@ def _prepare_pair(args: argparse.Namespace) -> int:
         raise SystemExit(f"tip-ray prepare-pair: {exc}") from None
     print(f"teacher {assets.teacher}\nstudent {assets.student}\nprompts {assets.train_data.parent}\n"
           f"manifest {assets.root / 'manifest.json'}")
-    print(f"train it: tip-ray train experiment={args.pair}")
+    print(f"train it: tip-ray train pair={args.pair}")
     return 0
 
 
