@@ -40,9 +40,8 @@ from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.stats import (
     DEFAULT_TA_K,
     TokenStats,
-    renormalised_entropy,
+    row_stats,
     stats_for_rows,
-    union_forward_kl,
     validate_student_inputs,
     work_dtype,
 )
@@ -301,20 +300,8 @@ def _streamed_stats_for_rows(
         t_top_ids = t_ids.gather(-1, t_top_pos)
         s_at_t_top = read_lp[:, :-1].gather(-1, t_top_pos)
 
-    mass_on_student_top = lookup(s_top_ids).exp().sum(-1)
-    ta_entropy = renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)
-    ta_fkl = union_forward_kl(s_top_ids, s_top_lp, t_top_ids, s_at_t_top, lookup)
-    return {
-        "entropy": entropy,
-        "entropy_norm": entropy / math.log(vocab) if vocab > 1 else torch.zeros_like(entropy),
-        "rkl": rkl,
-        "fkl": fkl,
-        "jsd": jsd,
-        "sampled_lr": sampled_lr,
-        "teacher_mass_on_student_topk": mass_on_student_top.clamp(0, 1),
-        "ta_entropy": ta_entropy,
-        "ta_fkl": ta_fkl,
-    }
+    return row_stats(entropy, vocab, rkl, fkl, jsd, sampled_lr, k, s_top_ids, s_top_lp, t_top_ids, s_at_t_top,
+                     lookup)
 
 
 def _aligned_from_parts(

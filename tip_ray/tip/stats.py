@@ -155,10 +155,23 @@ def stats_for_rows(
 
         t_top_ids = topk_ids.long().gather(-1, stable_topk_ids(t_lp, min(k, t_lp.shape[-1])))
 
-    mass_on_student_top = lookup(s_top_ids).exp().sum(-1)
-    ta_entropy = renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)
-    ta_fkl = union_forward_kl(s_top_ids, s_top_lp, t_top_ids, logp.gather(-1, t_top_ids), lookup)
+    return row_stats(entropy, vocab, rkl, fkl, jsd, sampled_lr, k, s_top_ids, s_top_lp, t_top_ids,
+                     logp.gather(-1, t_top_ids), lookup)
 
+
+def row_stats(
+    entropy: torch.Tensor, vocab: int, rkl: torch.Tensor, fkl: torch.Tensor, jsd: torch.Tensor,
+    sampled_lr: torch.Tensor, k: int, s_top_ids: torch.Tensor, s_top_lp: torch.Tensor, t_top_ids: torch.Tensor,
+    s_at_t_top: torch.Tensor, lookup,
+) -> dict[str, torch.Tensor]:
+    """The per-token statistics [N] by name, from the divergences already computed and the k-slot
+    pieces of the TA-OPD statistics: the student's top-k ids/log-probs ``s_top_ids``/``s_top_lp``
+    [N, k], the teacher's top-k ids ``t_top_ids`` [N, k] with the student's log-probs there
+    ``s_at_t_top``, and ``lookup`` (ids [N, j] -> the teacher's log-probs there). Shared by the
+    whole-row and the vocabulary-streamed statistics passes."""
+    mass_on_student_top = lookup(s_top_ids).exp().sum(-1)
+    ta_entropy = _renormalised_entropy(s_top_lp) / math.log(k) if k > 1 else torch.zeros_like(entropy)
+    ta_fkl = _union_forward_kl(s_top_ids, s_top_lp, t_top_ids, s_at_t_top, lookup)
     return {
         "entropy": entropy,
         "entropy_norm": entropy / math.log(vocab) if vocab > 1 else torch.zeros_like(entropy),
@@ -172,13 +185,13 @@ def stats_for_rows(
     }
 
 
-def renormalised_entropy(top_logp: torch.Tensor) -> torch.Tensor:
+def _renormalised_entropy(top_logp: torch.Tensor) -> torch.Tensor:
     """Entropy [N] of the distribution ``top_logp`` [N, k] renormalised over its k slots."""
     logq = top_logp - torch.logsumexp(top_logp, dim=-1, keepdim=True)
     return -(logq.exp() * logq).sum(-1)
 
 
-def union_forward_kl(s_top_ids: torch.Tensor, s_top_lp: torch.Tensor, t_top_ids: torch.Tensor,
+def _union_forward_kl(s_top_ids: torch.Tensor, s_top_lp: torch.Tensor, t_top_ids: torch.Tensor,
                      s_at_t_top: torch.Tensor, lookup: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """KL(P_T || P_S) [N] over (student top-k) union (teacher top-k), both renormalised on it.
 
