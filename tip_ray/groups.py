@@ -224,8 +224,8 @@ class TeacherActor:
         hide_unassigned_gpus()
         self.worker = TeacherWorker(cfg)
 
-    def score(self, input_ids, attention_mask):
-        return self.worker.score(input_ids, attention_mask)
+    def score(self, input_ids, attention_mask, first_position=None):
+        return self.worker.score(input_ids, attention_mask, first_position)
 
     def generate(self, prompt_ids: list[list[int]], sampling):
         return self.worker.generate(prompt_ids, sampling)

@@ -484,12 +484,19 @@ class TeacherPool(ActorPool):
             out.extend(replace(g, prompt_index=rows[g.prompt_index]) for g in generations)
         return sorted(out, key=lambda g: g.prompt_index)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherSignal:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              first_position: torch.Tensor | None = None) -> TeacherSignal:
         """The teacher's signal [B, L-1, K] for ``input_ids``/``attention_mask`` [B, L]; each
-        actor scores its rows cut to their longest sequence; rows come back in the original order."""
+        actor scores its rows cut to their longest sequence; rows come back in the original order.
+        ``first_position`` [B]: the first position each row needs (``TeacherWorker.score``)."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                              "must both be [B, L]")
-        call = self.start(sequence_lengths(attention_mask), lambda rows: take_rows(input_ids, attention_mask, rows),
-                          lambda actor, ids, mask: actor.score.remote(ids, mask))
+
+        def payload(rows: list[int]) -> tuple:
+            first = None if first_position is None else first_position[torch.tensor(rows, dtype=torch.long)]
+            return (*take_rows(input_ids, attention_mask, rows), first)
+
+        call = self.start(sequence_lengths(attention_mask), payload,
+                          lambda actor, ids, mask, first: actor.score.remote(ids, mask, first))
         return join_signals(self.finish(call), input_ids.shape[0], input_ids.shape[1])

@@ -40,6 +40,7 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
     from tip_ray.data.prompts import PromptStream, load_prompt_dataset
     from tip_ray.rollout.vllm_args import sized_for
     from tip_ray.rollout.worker import RolloutWorker
+    from tip_ray.teacher.layout import first_scored_positions
     from tip_ray.teacher.worker import TeacherWorker
     from tip_ray.tip.lean import token_stats_from_hidden
     from tip_ray.types import RolloutBatch, TrainBatch
@@ -69,7 +70,7 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
         generations = rollout.generate(batch).generations[: num_rollouts - done]
         rollouts = RolloutBatch(tuple(tuple(p) for p in batch), tuple(generations), 0)
         input_ids, attention, loss_mask = rollouts.to_sequences(tokenizer.pad_token_id)
-        train = TrainBatch(input_ids, attention, loss_mask, teacher.score(input_ids, attention))
+        train = TrainBatch(input_ids, attention, loss_mask, teacher.score(input_ids, attention, first_scored_positions(loss_mask)))
         step = cfg.learner.micro_batch_size
         with torch.no_grad():
             for start in range(0, train.size, step):

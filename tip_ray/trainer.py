@@ -208,7 +208,9 @@ class Trainer:
     def _score(self, input_ids, attention, loss_mask, where: str):
         """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L];
         refuses ids beyond the student's vocabulary rows at the ``loss_mask`` [B, L-1] positions."""
-        signal = self.teacher_pool.score(input_ids, attention)
+        from tip_ray.teacher.layout import first_scored_positions
+
+        signal = self.teacher_pool.score(input_ids, attention, first_scored_positions(loss_mask))
         top_id = int(signal.topk_ids[loss_mask].max()) if bool(loss_mask.any()) else -1
         if top_id >= self.student_vocab:
             raise ValueError(f"{where}: the teacher sent token id {top_id}, beyond the student's {self.student_vocab} "
@@ -341,6 +343,7 @@ class Trainer:
             "truncated": sum(g.finish_reason == "length" for g in rollouts.generations),
             "tokens_per_second": response_tokens / sum(times.values()),
             **{f"time/{k}": v for k, v in times.items()}, "sync_seconds": sync_seconds,
+            **{f"learner_time/{k}": v for k, v in m.phase_seconds.items()},
             "lr": stepped["lr"] if stepped else float("nan"),
             "grad_norm": stepped["grad_norm"] if stepped else float("nan"), "weight_version": self.version,
             "staleness": staleness, "epoch": batch.epoch, "skipped": int(stepped is None),

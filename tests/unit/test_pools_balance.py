@@ -147,6 +147,33 @@ def test_teacher_shards_cut_to_their_length_join_to_the_whole_batch_signal(teach
     joined.validate(len(lengths), width - 1, vocab_size=128)
 
 
+def test_teacher_skips_the_prompt_positions_it_is_told_the_loss_never_reads(teacher):
+    from tip_ray.teacher.layout import first_scored_positions
+
+    g = torch.Generator().manual_seed(7)
+    prompts, lengths = [5, 9, 3, 9], [20, 14, 3, 30]  # the third row has no response
+    input_ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros(len(lengths), max(lengths) - 1, dtype=torch.bool)
+    for row, (p, n) in enumerate(zip(prompts, lengths)):
+        input_ids[row, :n] = torch.randint(5, 100, (n,), generator=g)
+        mask[row, :n] = 1
+        loss_mask[row, p - 1 : n - 1] = True
+    first = first_scored_positions(loss_mask)
+    assert first.tolist() == [4, 8, max(lengths) - 1, 8]
+    assert teacher.backend.keeps_logits  # the lm_head then runs from position 4 of this batch only
+    whole, skipped = teacher.score(input_ids, mask), teacher.score(input_ids, mask, first)
+    torch.testing.assert_close(skipped.topk_logprobs[loss_mask], whole.topk_logprobs[loss_mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(skipped.sampled_logprobs[loss_mask], whole.sampled_logprobs[loss_mask],
+                               atol=1e-5, rtol=1e-5)
+    assert torch.equal(skipped.topk_ids[loss_mask], whole.topk_ids[loss_mask])
+    before = torch.arange(loss_mask.shape[1]) < first.unsqueeze(-1)  # the prompt: the padding placeholder
+    assert torch.equal(skipped.topk_ids[before], torch.arange(teacher.k).expand(int(before.sum()), -1).int())
+    skipped.validate(len(lengths), max(lengths) - 1, vocab_size=128)
+    with pytest.raises(ValueError, match="first_position must be"):
+        teacher.score(input_ids, mask, first[:2])
+
+
 def test_joining_teacher_shards_checks_their_shapes(teacher):
     ids = torch.randint(5, 100, (2, 6))
     mask = torch.ones_like(ids)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from tip_ray.config import TeacherConfig
@@ -40,16 +42,22 @@ class HFScorer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.vocab_size = int(self.model.config.vocab_size)
+        # transformers' causal LMs take logits_to_keep (the lm_head on the last n positions only);
+        # a remote-code model without it gets every position's logits.
+        self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @torch.no_grad()
     def topk(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int,
+        first_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For right-padded ``input_ids``/``attention_mask`` [B, L] on the CPU: ids [B, L-1, k]
         (long) and fp32 log-probs [B, L-1, k] of the k most likely next tokens (ties at the k-th
         place to the lower id, in no particular order), and the fp32 log-prob [B, L-1] of the
         actual next token, all on the CPU. Each micro-batch runs on the model's device.
-        Positions whose target is padding hold zeros (the caller fills them)."""
+        Positions whose target is padding hold zeros (the caller fills them), and so may the
+        positions before ``first_position`` [B]: a micro-batch's lm_head, log-softmax and top-k
+        start at the earliest first position of its rows (the backbone still reads the prompt)."""
         batch, length = input_ids.shape
         ids = torch.zeros(batch, length - 1, k, dtype=torch.long)
         values = torch.zeros(batch, length - 1, k)
@@ -63,12 +71,16 @@ class HFScorer:
             width = int(lengths[rows].max())
             if width < 2:
                 continue
+            first = 0 if first_position is None or not self.keeps_logits else min(
+                int(first_position[rows].min()), width - 2)
             tokens, mask = to_device((input_ids[rows, :width], attention_mask[rows, :width]), self.device)
-            logits = self.model(input_ids=tokens, attention_mask=mask).logits[:, :-1]
+            # logits_to_keep = n: the lm_head runs on the last n positions, first .. width - 1.
+            extra = {"logits_to_keep": width - first} if self.keeps_logits else {}
+            logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits[:, :-1]
             logp = torch.log_softmax(logits.float(), dim=-1)
             top = top_ids(logp, k)
-            targets = tokens[:, 1:].clamp(0, self.vocab_size - 1)
-            ids[rows, : width - 1] = top.cpu()
-            values[rows, : width - 1] = logp.gather(-1, top).cpu()
-            sampled[rows, : width - 1] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            targets = tokens[:, first + 1 :].clamp(0, self.vocab_size - 1)
+            ids[rows, first : width - 1] = top.cpu()
+            values[rows, first : width - 1] = logp.gather(-1, top).cpu()
+            sampled[rows, first : width - 1] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
         return ids, values, sampled

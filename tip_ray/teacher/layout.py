@@ -25,6 +25,29 @@ def target_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return mask[:, 1:]
 
 
+def first_scored_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Per row of ``loss_mask`` [B, L-1] (bool): the first position the loss reads, [B] long (L-1
+    for a row it never reads). The teacher need not score the positions before it (the prompt)."""
+    if loss_mask.dim() != 2 or loss_mask.dtype != torch.bool:
+        raise ValueError(f"loss_mask must be bool [B, L-1], got {loss_mask.dtype} {tuple(loss_mask.shape)}")
+    positions = loss_mask.shape[1]
+    index = torch.arange(positions, device=loss_mask.device).expand_as(loss_mask)
+    return torch.where(loss_mask, index, positions).amin(dim=1) if positions else torch.zeros(
+        loss_mask.shape[0], dtype=torch.long, device=loss_mask.device)
+
+
+def needed_mask(attention_mask: torch.Tensor, first_position: torch.Tensor | None) -> torch.Tensor:
+    """Bool [B, L-1]: the positions to score, ``target_mask`` less those before
+    ``first_position`` [B] (None: every position with a target)."""
+    scored = target_mask(attention_mask)
+    if first_position is None:
+        return scored
+    if tuple(first_position.shape) != (attention_mask.shape[0],):
+        raise ValueError(f"first_position must be [B] = [{attention_mask.shape[0]}], got {tuple(first_position.shape)}")
+    index = torch.arange(scored.shape[1], device=scored.device)
+    return scored & (index >= first_position.to(scored.device).unsqueeze(-1))
+
+
 def order_by_logprob(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries [..., K] sorted by descending log-prob, ties towards the lower id (ids unique per row)."""
     by_id = ids.argsort(dim=-1, stable=True)

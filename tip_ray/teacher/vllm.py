@@ -52,11 +52,13 @@ class VLLMScorer:
             raise ValueError(f"vLLM sees a vocabulary of {engine_vocab} for {cfg.model}, its config says {vocab_size}")
 
     def topk(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int,
+        first_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For right-padded ``input_ids``/``attention_mask`` [B, L]: ids [B, L-1, k] (long) and fp32
         log-probs [B, L-1, k] of the k most likely next tokens, and the fp32 log-prob [B, L-1] of
-        the actual next token; padding positions hold zeros."""
+        the actual next token; padding positions hold zeros. ``first_position`` is accepted for
+        the hf backend's interface and unused: vLLM's prompt log-probs cover the whole prompt."""
         from vllm import SamplingParams
 
         batch, length = input_ids.shape

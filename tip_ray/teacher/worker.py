@@ -14,7 +14,7 @@ import torch
 
 from tip_ray.config import TeacherConfig
 from tip_ray.rollout.hf import SamplingSettings
-from tip_ray.teacher.layout import fill_padding, order_by_logprob, target_mask
+from tip_ray.teacher.layout import fill_padding, needed_mask, order_by_logprob
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.types import Generation
 
@@ -60,17 +60,20 @@ class TeacherWorker:
                                 batch_size=self.cfg.micro_batch_size * 8)
         return generator.generate(prompt_ids, sampling)
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TeacherSignal:
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              first_position: torch.Tensor | None = None) -> TeacherSignal:
         """Signal [B, L-1, K] for right-padded sequences ``input_ids``/``attention_mask`` [B, L].
 
         Position t holds the teacher's log-probs for the token at t+1 (the student's sample);
-        positions whose token t+1 is padding hold ids 0..K-1 at log-prob -log(V).
+        positions whose token t+1 is padding hold ids 0..K-1 at log-prob -log(V), and so do the
+        positions before ``first_position`` [B] when it is given (the prompt, which the loss never
+        reads: the hf backend then skips its lm_head, log-softmax and top-k there).
         """
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                              "must both be [B, L]")
-        scored = target_mask(attention_mask)
-        ids, values, sampled = self.backend.topk(input_ids, attention_mask, self.k)
+        scored = needed_mask(attention_mask, first_position)
+        ids, values, sampled = self.backend.topk(input_ids, attention_mask, self.k, first_position)
         ids, values = order_by_logprob(ids, values)
         fill_padding(ids, values, sampled, scored, self.vocab_size)
         dtype = _DTYPES[self.cfg.values_dtype]

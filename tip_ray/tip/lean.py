@@ -152,16 +152,22 @@ def token_stats_from_hidden(
 def _vocab_blocks(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                   vocab_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [N, stop - start]) for consecutive vocabulary blocks of ``vocab_chunk``
-    ids, on the rows' device, in ``dtype``; raises if a logit is NaN or inf (as ``stats_for_rows``
-    does, and before a NaN can reach a top-k)."""
+    ids, on the rows' device, in ``dtype``. Their finiteness is the caller's to check
+    (``_check_block_finite``)."""
     vocab = weight.shape[0]
     for start in range(0, vocab, vocab_chunk):
         stop = min(start + vocab_chunk, vocab)
         logits = _head_logits(rows, weight[start:stop], None if bias is None else bias[start:stop], dtype)
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError("student logits hold NaN or inf at a response position")
         yield start, logits
         del logits  # before the next block is made, not after
+
+
+def _check_block_finite(block_max: torch.Tensor, block_a: torch.Tensor) -> None:
+    """Raise if a block's logits held NaN or inf (as ``stats_for_rows`` does), from two [N]
+    reductions of the block instead of a pass over it: NaN and +inf make the row max non-finite,
+    and -inf makes exp(l - m) (l - m) = 0 x -inf NaN. Called before the block reaches a top-k."""
+    if not (bool(torch.isfinite(block_max).all()) and bool(torch.isfinite(block_a).all())):
+        raise ValueError("student logits hold NaN or inf at a response position")
 
 
 def _gather_in_block(values: torch.Tensor, ids: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
@@ -226,6 +232,7 @@ def _streamed_stats_for_rows(
         shifted = logits - new_m.unsqueeze(-1)
         e = shifted.exp()
         block_z, block_a = e.sum(-1), (e * shifted).sum(-1)
+        _check_block_finite(block_max, block_a)
         if not full:
             local = read_ids - start
             support = torch.zeros(n, width + 1, dtype=torch.bool, device=rows.device).scatter_(
