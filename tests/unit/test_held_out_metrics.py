@@ -28,11 +28,12 @@ def test_accuracy_is_over_graded_rows_and_ungraded_rows_are_counted_out():
     metrics = result.metrics()
     assert metrics["eval/graded"] == 3 and math.isclose(metrics["eval/accuracy"], 2 / 3)
     assert math.isclose(metrics["eval/rkl"], 0.25) and math.isclose(metrics["eval/teacher_agreement"], 0.75)
+    assert metrics["eval/response_length"] == 2.0
 
 
 def test_no_graded_row_reports_no_accuracy_and_no_divergence_when_not_measured():
     result = HeldOutEval((gen(0, [3]), gen(1, [4, 5])), (None, None))
-    assert result.accuracy is None and result.metrics() == {"eval/graded": 0}
+    assert result.accuracy is None and result.metrics() == {"eval/graded": 0, "eval/response_length": 1.5}
 
 
 def test_per_token_values_must_cover_every_response_token():

@@ -6,6 +6,8 @@ and how far the student is from the teacher on its own greedy samples.
 - ``eval/rkl``: the mean over response tokens of KL(P_S || P_T) at the student's own greedy
   samples (TIP_SPEC section 2: exact with the teacher's full distribution, the top-K + tail
   estimate otherwise), computed by the learner from its current weights.
+- ``eval/response_length``: mean tokens per greedy sample (a collapse to short answers shows
+  here before it shows in the per-token divergence).
 - ``eval/teacher_agreement``: the fraction of response positions where the student's greedy
   token equals the teacher's argmax at the same prefix (exact for any K: the argmax is in the
   teacher's top-K).
@@ -63,9 +65,14 @@ class HeldOutEval:
         return sum(graded) / len(graded) if graded else None
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        """``accuracy`` (when any sample was graded), ``graded``, and ``rkl``/``teacher_agreement``
-        (when measured, over at least one response token), each under ``prefix``."""
+        """``accuracy`` (when any sample was graded), ``graded``, ``response_length`` (mean tokens per
+        greedy sample), and ``rkl``/``teacher_agreement`` (when measured, over at least one response
+        token), each under ``prefix``."""
         out: dict[str, float] = {f"{prefix}graded": self.graded}
+        if self.generations:
+            # Per-token divergences average over whatever the student wrote: a student collapsing
+            # to short or repetitive answers can look close to its teacher; the length tells.
+            out[f"{prefix}response_length"] = sum(len(g.token_ids) for g in self.generations) / len(self.generations)
         if self.accuracy is not None:
             out[f"{prefix}accuracy"] = self.accuracy
         if self.rkl is not None and self.rkl.numel():
