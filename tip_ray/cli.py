@@ -289,12 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most frequent ids left out before ranking (default: 5, the paper's)")
     rk.add_argument("overrides", nargs="*", help="training-config overrides, e.g. student=... rollout.temperature=1.0")
     rk.set_defaults(run=_rocks)
-    sw = commands.add_parser("sweep", help="the selection-rule sweep: tip-ray train per arm and seed (resumable)")
+    sw = commands.add_parser(
+        "sweep", help="the selection-rule sweep: tip-ray train per arm and seed (resumable)",
+        description="One `tip-ray train` per arm and seed, in <root>/<arm>/seed<k>/. Running the same command again "
+                    "continues the sweep: a finished run (summary.json at its last step) is skipped; an unfinished "
+                    "run whose directory holds a checkpoint resumes from its newest one (checkpoints are written "
+                    "every checkpoint.every steps and when a run is stopped cleanly); an unfinished run without one "
+                    "starts again, its old directory moved aside to <arm>/stale-seed<k>-<time>.")
     sw.add_argument("--root", default="runs/sweep", help="output root: <root>/<arm>/seed<k>/ (default: runs/sweep)")
     sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     sw.add_argument("--arms", default=None, help="comma-separated arm names (default: every arm)")
     sw.add_argument("--rock-file", default="runs/embedded/rocks.json", help="rock file for the rock_freeze arm")
-    sw.add_argument("--timeout", type=float, default=None, help="seconds before a run is stopped (default: none)")
+    sw.add_argument("--timeout", type=float, default=None,
+                    help="seconds before a run is killed (default: none); the next sweep resumes it from its last "
+                         "checkpoint.every checkpoint, if any")
     sw.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     sw.add_argument("overrides", nargs="*", help="overrides for every run, e.g. trainer.steps=100 logger.wandb=false")
     sw.set_defaults(run=_sweep)

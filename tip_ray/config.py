@@ -3,13 +3,35 @@
 Each class is usable as a Hydra structured config: fields are str/int/float/bool, ``X | None`` of
 those, or lists/dicts of those, and every field but the mandatory ones has a default.
 ``__post_init__`` checks values and raises ``ValueError`` naming the field and what is allowed; it
-never rewrites a setting. Importing this module imports nothing heavy.
+never rewrites a setting. Fields declared with ``identity(...)`` define what a training run is: a
+run resumed from its checkpoint must keep their values (``tip_ray.resume``). Importing this module
+imports nothing heavy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, Field, dataclass, field
 from typing import Any
+
+_RESUME = "resume"  # the field-metadata key, and its value on an identity field
+_IDENTITY = "identity"
+
+
+def identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
+    """A config field that is part of a training run's identity: a run resumed from its checkpoint
+    must have the value the checkpoint was written with (``tip_ray.resume.IDENTITY_KEYS``).
+
+    Used like ``field``: ``lr: float = identity(1e-6)``; without arguments for a mandatory field.
+    On a field that holds a config dataclass it admits that class's identity fields, under the
+    field's name (``learner`` -> ``learner.lr``, ...); a class's marks count only where every
+    enclosing field is marked too (``data.seed`` is identity, ``eval_data.seed`` is not).
+    """
+    return field(default=default, default_factory=default_factory, metadata={_RESUME: _IDENTITY})
+
+
+def is_identity(f: Field) -> bool:
+    """Whether the dataclass field ``f`` was declared with ``identity``."""
+    return f.metadata.get(_RESUME) == _IDENTITY
 
 
 def _raise_first_failure(checks: tuple[tuple[bool, str], ...]) -> None:
@@ -55,22 +77,22 @@ class DataConfig:
     which a ``PromptStream`` visits the prompts.
     """
 
-    path: str
-    split: str = "train"
-    format: str = "auto"
-    prompt_field: str = "prompt"
-    answer_field: str | None = "answer"
-    null_answer: str = "error"
+    path: str = identity()
+    split: str = identity("train")
+    format: str = identity("auto")
+    prompt_field: str = identity("prompt")
+    answer_field: str | None = identity("answer")
+    null_answer: str = identity("error")
     id_field: str | None = None
-    system_prompt: str | None = None
-    prompt_template: str = "{prompt}"
-    apply_chat_template: bool = True
-    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
-    max_prompt_tokens: int = 1024
-    on_overlong: str = "drop"
-    shuffle: bool = True
-    seed: int = 0
-    limit: int | None = None
+    system_prompt: str | None = identity(None)
+    prompt_template: str = identity("{prompt}")
+    apply_chat_template: bool = identity(True)
+    chat_template_kwargs: dict[str, Any] = identity(default_factory=dict)
+    max_prompt_tokens: int = identity(1024)
+    on_overlong: str = identity("drop")
+    shuffle: bool = identity(True)
+    seed: int = identity(0)
+    limit: int | None = identity(None)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -192,13 +214,13 @@ class SelectionConfig:
     loads as the rule's ``rock_ids``.
     """
 
-    rule: str = "soft_or"
-    ratio: float | None = None
-    direction: str = "top"
-    scope: str = "global"
-    params: dict[str, Any] = field(default_factory=dict)
-    seed: int = 0
-    rock_file: str | None = None
+    rule: str = identity("soft_or")
+    ratio: float | None = identity(None)
+    direction: str = identity("top")
+    scope: str = identity("global")
+    params: dict[str, Any] = identity(default_factory=dict)
+    seed: int = identity(0)
+    rock_file: str | None = identity(None)
 
     def __post_init__(self) -> None:
         from tip_ray.tip.select import get_rule
@@ -229,9 +251,9 @@ class SelectionConfig:
 class LossConfig:
     """The distillation objective on the kept tokens (TIP_SPEC section 5)."""
 
-    kind: str = "rkl"
-    beta: float = 0.5
-    normalization: str = "kept"
+    kind: str = identity("rkl")
+    beta: float = identity(0.5)
+    normalization: str = identity("kept")
 
     def __post_init__(self) -> None:
         from tip_ray.tip.losses import check_loss_options
@@ -268,24 +290,24 @@ class LearnerConfig:
     """
 
     model: str
-    world_size: int = 1
-    zero_stage: int = 2
-    dtype: str = "fp32"
-    optimizer: str = "adamw"
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
-    global_batch_size: int = 8
-    micro_batch_size: int = 4
+    world_size: int = identity(1)
+    zero_stage: int = identity(2)
+    dtype: str = identity("fp32")
+    optimizer: str = identity("adamw")
+    lr: float = identity(1e-6)
+    weight_decay: float = identity(0.0)
+    betas: list[float] = identity(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = identity("constant")
+    warmup_steps: int = identity(0)
+    total_steps: int = identity(1000)
+    min_lr_ratio: float = identity(0.0)
+    grad_clip: float = identity(1.0)
+    global_batch_size: int = identity(8)
+    micro_batch_size: int = identity(4)
     chunk_rows: int = 512
     vocab_chunk: int = 16384
-    ta_k: int = 16
-    seed: int = 0
+    ta_k: int = identity(16)
+    seed: int = identity(0)
     single_forward: bool = False
     gradient_checkpointing: bool = False
 
@@ -349,13 +371,13 @@ class TeacherConfig:
     memory profile, so size it for the vocabulary on GPUs (null: vLLM's default).
     """
 
-    model: str
-    backend: str = "hf"
-    top_k: int | None = 32
-    values_dtype: str = "fp32"
+    model: str = identity()
+    backend: str = identity("hf")
+    top_k: int | None = identity(32)
+    values_dtype: str = identity("fp32")
     micro_batch_size: int = 8
     num_workers: int = 1
-    dtype: str = "auto"
+    dtype: str = identity("auto")
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.5
     tensor_parallel_size: int = 1
@@ -420,17 +442,17 @@ class RolloutConfig:
     (in-place weight reloads keep the captured graphs valid).
     """
 
-    engine: str = "vllm"
+    engine: str = identity("vllm")
     num_workers: int = 1
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+    n: int = identity(1)
+    temperature: float = identity(1.0)
+    top_p: float = identity(1.0)
+    max_new_tokens: int = identity(256)
     max_model_len: int = 2048
-    dtype: str = "auto"
+    dtype: str = identity("auto")
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
-    seed: int = 0
+    seed: int = identity(0)
     logprobs: bool = False
     max_num_seqs: int | None = None
     kv_cache_memory_bytes: int | None = None
@@ -552,15 +574,15 @@ class TrainerConfig:
     """
 
     steps: int = 100
-    prompts_per_step: int = 8
-    sync_every: int = 1
+    prompts_per_step: int = identity(8)
+    sync_every: int = identity(1)
     eval_every: int = 0
     eval_max_new_tokens: int = 256
     eval_teacher: bool = True
     eval_divergence: bool = True
     output_dir: str = "runs/train"
-    seed: int = 0
-    mode: str = "sync"
+    seed: int = identity(0)
+    mode: str = identity("sync")
     max_staleness: int = 1
 
     def __post_init__(self) -> None:
@@ -708,17 +730,17 @@ class SyncConfig:
 class TrainConfig:
     """``tip-ray train``: every component's config, validated together before anything starts."""
 
-    student: str
-    teacher: TeacherConfig
-    data: DataConfig
+    student: str = identity()
+    teacher: TeacherConfig = identity()
+    data: DataConfig = identity()
     eval_data: DataConfig | None = None
     grader: str = "exact"
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    learner: LearnerConfig = field(default_factory=lambda: LearnerConfig(model="${student}"))
-    selection: SelectionConfig = field(default_factory=SelectionConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = identity(default_factory=RolloutConfig)
+    learner: LearnerConfig = identity(default_factory=lambda: LearnerConfig(model="${student}"))
+    selection: SelectionConfig = identity(default_factory=SelectionConfig)
+    loss: LossConfig = identity(default_factory=LossConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: TrainerConfig = identity(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)

@@ -2,47 +2,92 @@
 
 Runs before any actor starts, so a wrong choice (a directory holding another run's checkpoints,
 an explicit checkpoint path that is not complete) is a clear error that costs nothing.
+
+A run's identity is what a resumed run must not change: the fields declared with
+``tip_ray.config.identity`` on the config dataclasses, as dotted keys (``IDENTITY_KEYS``, derived
+from the declarations, so a renamed or new field carries its mark with it). A resumed run may
+change how it is executed, evaluated and logged, not what it trains. In the identity: the student
+and teacher checkpoints; the training data and how it becomes token ids (files, split, fields,
+templates, ``chat_template_kwargs``, ``null_answer``, limits, shuffling); the sampling (rollout
+engine and dtype, n, temperature, top_p, max_new_tokens); the teacher's signal (backend, compute
+dtype, ``top_k``, ``values_dtype``); the selection rule and every setting of it; the loss; the
+optimisation (learner world size and ZeRO stage, which also fix the checkpoint's shard layout,
+dtype, optimizer, schedule, batch sizes, ``ta_k``); the step's shape (``prompts_per_step``,
+``sync_every``, ``mode``); every seed. Not in it: ``trainer.steps`` (a run may be extended),
+evaluation (``eval_data``, ``grader``, cadence), checkpointing, logging, cluster placement, pool
+and engine sizes, the weight-sync transport, fault handling, and settings that give the same
+numbers another way (``chunk_rows``, ``vocab_chunk``, ``single_forward``,
+``gradient_checkpointing``, teacher and rollout batching); ``learner.model`` always equals
+``student``.
+
+A checkpoint stores the whole resolved config of its run (``driver.json``; else the run's
+``config.json``), and two configs are compared on the identity keys both of them hold. A key the
+saved config lacks is a setting added to tip_ray after the checkpoint was written
+(``data.chat_template_kwargs`` and ``data.null_answer`` were) or renamed since: it is not compared,
+so a run written by an older tip_ray still resumes (a new setting's default is meant to keep the
+behaviour from before it; resuming such a run with another value goes unchecked). Settings an
+older config holds but the older, hand-written identity did not compare (``learner.ta_k``,
+``teacher.dtype``, ``rollout.dtype``, ``trainer.seed``) are compared like the rest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any
 
 from tip_ray.checkpoint_store import CheckpointStore, SavedCheckpoint
+from tip_ray.config import TrainConfig, is_identity
 
-# What makes two runs the same run: a resumed run may change how it is executed and logged
-# (cluster, pools' sizes except the learner's, logging, checkpoint cadence, step count), not what
-# it trains.
-IDENTITY_KEYS = (
-    "student", "teacher.model", "teacher.top_k", "data.path", "data.split", "data.seed", "data.shuffle",
-    "data.limit", "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens", "rollout.seed",
-    "data.format", "data.prompt_field", "data.answer_field", "data.prompt_template", "data.system_prompt",
-    "data.apply_chat_template", "data.max_prompt_tokens", "data.on_overlong", "rollout.engine",
-    "teacher.backend", "teacher.values_dtype",
-    "learner.world_size", "learner.zero_stage", "learner.dtype", "learner.optimizer", "learner.lr",
-    "learner.weight_decay", "learner.betas", "learner.lr_schedule", "learner.warmup_steps", "learner.total_steps",
-    "learner.min_lr_ratio", "learner.grad_clip", "learner.global_batch_size", "learner.micro_batch_size",
-    "learner.seed", "selection", "loss", "trainer.prompts_per_step", "trainer.sync_every", "trainer.mode",
-)
+_ABSENT = object()  # a key a config does not hold (None is a value: teacher.top_k=null)
+
+
+def _config_class(annotation: Any) -> type | None:
+    """The config dataclass a field holds (``X`` or ``X | None``), or None for a plain value."""
+    candidates = (annotation, *typing.get_args(annotation))
+    return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
+
+
+def identity_keys(cls: type = TrainConfig, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys of ``cls``'s identity fields (``tip_ray.config.identity``), in declaration
+    order, with the identity fields of the config dataclasses its identity fields hold."""
+    hints = typing.get_type_hints(cls)
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        if is_identity(f):
+            nested = _config_class(hints[f.name])
+            keys.extend(identity_keys(nested, f"{prefix}{f.name}.") if nested else [prefix + f.name])
+    return tuple(keys)
+
+
+IDENTITY_KEYS = identity_keys()
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    """The value at ``dotted`` in a nested dict, or ``_ABSENT``."""
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return _ABSENT
         node = node[part]
     return node
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: saved -> current`` for every identity key whose value differs between two resolved configs."""
+def unresolved_keys(config: dict[str, Any], keys: typing.Iterable[str] = IDENTITY_KEYS) -> list[str]:
+    """The ``keys`` that name no value of the resolved config ``config``."""
+    return [key for key in keys if _lookup(config, key) is _ABSENT]
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       keys: typing.Iterable[str] = IDENTITY_KEYS) -> list[str]:
+    """``key: saved -> current`` for every identity key both resolved configs hold with different
+    values (a key one of them lacks is not compared: see the module docstring)."""
     out = []
-    for key in IDENTITY_KEYS:
+    for key in keys:
         a, b = _lookup(saved, key), _lookup(current, key)
-        if a != b:
+        if a is not _ABSENT and b is not _ABSENT and a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
     return out
 
@@ -59,7 +104,7 @@ def find_resume_point(resume: str, store: CheckpointStore, run_dir: Path,
     fresh start; an error if ``store`` already holds a checkpoint, which would otherwise be mixed
     with or overwritten by the new run) or a checkpoint directory. Resuming needs the config saved
     with the checkpoint (else the run's ``config.json`` in ``run_dir``) to agree with
-    ``current_config`` on ``IDENTITY_KEYS``.
+    ``current_config`` on the ``IDENTITY_KEYS`` both hold; ``ResumeError`` names every key that differs.
     """
     if resume == "never":
         found = store.latest()

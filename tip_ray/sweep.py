@@ -2,29 +2,56 @@
 
 Each run gets the same overrides (the same steps, prompts per step and rollouts), its arm's
 selection settings, its seed on every seeded component, and its own output directory
-``<root>/<arm>/seed<k>/``. A run whose ``summary.json`` exists is finished and skipped, so an
-interrupted sweep resumes where it stopped; a run directory without one is cleared and run
-again (the metrics file is appended to, so a half-written one would mix two attempts).
-Runs go seed by seed (every arm for seed 0, then seed 1, ...) so that a partial sweep already
-compares every arm. Next to each run's files, ``sweep_run.json`` records the command, its exit
-status and wall time; ``train.log`` holds its output.
+``<root>/<arm>/seed<k>/``. Runs go seed by seed (every arm for seed 0, then seed 1, ...) so that a
+partial sweep already compares every arm.
+
+Running the sweep again continues it. A run is finished once its ``summary.json`` reports its
+last step (``tip-ray train`` also writes one when a signal stops it early): it is skipped. An
+unfinished run whose directory holds a complete checkpoint (``<run>/checkpoints``, the default
+``checkpoint.dir``; written every ``checkpoint.every`` steps and on a clean stop, but not when
+``--timeout`` kills a run) is run again with the same command, and ``tip-ray train`` resumes it
+from its newest checkpoint (the default ``checkpoint.resume=auto``); the trainer
+cuts ``metrics.jsonl`` back to that step, so the steps after it are not logged twice, and refuses
+to resume if an override changed the run's identity (``tip_ray.resume``). An unfinished run
+without a checkpoint starts again in an empty directory: its old one is moved aside to
+``<root>/<arm>/stale-seed<k>-<time>`` (removed only if empty; a name that ``tip-ray report``'s
+``<arm>/seed*`` never reads), never deleted with the user's files.
+
+Next to each run's files, ``sweep_run.json`` records the command, its exit status, the number of
+attempts and their total wall time (a resumed run redoes the steps after its checkpoint);
+``train.log`` holds the output of every attempt.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tip_ray.checkpoint_store import CheckpointStore
 
 # Every seed the training run reads: the prompt order, the rollout sampling, the sampled
 # selection rules, the learner's initialisation (torch.manual_seed) and the trainer's own.
 SEED_KEYS = ("data.seed", "rollout.seed", "selection.seed", "learner.seed", "trainer.seed")
 DEFAULT_ROCK_FILE = "runs/embedded/rocks.json"
+CHECKPOINTS = "checkpoints"  # where `tip-ray train` keeps a run's checkpoints (checkpoint.dir=null)
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether the training run in ``run_dir`` wrote its ``summary.json`` at its last step
+    (``trainer.steps`` of its ``config.json``): a run stopped early by a signal also writes one."""
+    run_dir = Path(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    if summary is None:
+        return False
+    planned = (_read_json(run_dir / "config.json") or {}).get("trainer", {}).get("steps")
+    reached = summary.get("steps")
+    return planned is None or reached is None or reached >= planned
 
 
 @dataclass(frozen=True)
@@ -100,8 +127,24 @@ class PlannedRun:
 
     @property
     def finished(self) -> bool:
-        """A finished run has written its ``summary.json``."""
-        return (self.run_dir / "summary.json").is_file()
+        """Whether the run reached its last step (``run_finished``)."""
+        return run_finished(self.run_dir)
+
+    @property
+    def checkpoint_step(self) -> int | None:
+        """The step of the newest complete checkpoint in the run's directory, which ``tip-ray
+        train`` resumes from, or None."""
+        point = CheckpointStore(self.run_dir / CHECKPOINTS).latest()
+        return None if point is None else point.step
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None if it is missing or unreadable."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def plan(arms: Sequence[Arm], seeds: Sequence[int], root: str | Path, common: Sequence[str] = (),
@@ -138,6 +181,7 @@ class RunOutcome:
     run: PlannedRun
     status: str
     seconds: float
+    resumed_from: int | None = None  # the checkpoint step the run continued from
 
 
 def train_command(run: PlannedRun, python: str = sys.executable) -> list[str]:
@@ -145,31 +189,65 @@ def train_command(run: PlannedRun, python: str = sys.executable) -> list[str]:
     return [python, "-m", "tip_ray.cli", "train", *run.overrides]
 
 
+def set_aside(run_dir: Path) -> Path | None:
+    """Move the directory ``run_dir`` to a free ``stale-<its name>-<time>`` beside it and return
+    that path; an empty directory is removed instead, and a missing one left alone (None both times)."""
+    if not run_dir.is_dir():
+        return None
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"stale-{run_dir.name}-{stamp}")
+    attempt = 1
+    while target.exists():
+        attempt += 1
+        target = run_dir.with_name(f"stale-{run_dir.name}-{stamp}-{attempt}")
+    run_dir.rename(target)
+    return target
+
+
+def _write_record(run: PlannedRun, command: list[str], code: int, seconds: float,
+                  resumed_from: int | None) -> None:
+    """Write ``sweep_run.json``: this attempt's command and exit status, and the attempts and wall
+    time of the run so far (those of the attempts before it count when it resumed)."""
+    path = run.run_dir / "sweep_run.json"
+    earlier = (_read_json(path) or {}) if resumed_from is not None else {}
+    record = {"command": command, "returncode": code,
+              "wall_seconds": round(float(earlier.get("wall_seconds", 0.0)) + seconds, 2),
+              "attempts": int(earlier.get("attempts", 1 if earlier else 0)) + 1, "resumed_from_step": resumed_from,
+              "arm": run.arm.name, "seed": run.seed}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def execute(run: PlannedRun, python: str = sys.executable, timeout: float | None = None) -> RunOutcome:
-    """Run one training subprocess (output to ``<run_dir>/train.log``) unless it has finished."""
+    """Run one training subprocess (output appended to ``<run_dir>/train.log``) unless the run has
+    finished: from its newest checkpoint if its directory holds one (the trainer resumes it), else
+    from scratch in a fresh directory (an old one is moved aside by ``set_aside``)."""
     if run.finished:
         return RunOutcome(run, "skipped", 0.0)
-    if run.run_dir.exists():
-        shutil.rmtree(run.run_dir)
-    run.run_dir.mkdir(parents=True)
+    resumed_from = run.checkpoint_step
+    if resumed_from is None:
+        set_aside(run.run_dir)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
     command = train_command(run, python)
     started = time.perf_counter()
-    with (run.run_dir / "train.log").open("w") as log:
+    with (run.run_dir / "train.log").open("a") as log:
+        if resumed_from is not None:
+            log.write(f"\n[tip-ray sweep] resuming from the checkpoint of step {resumed_from}\n")
+            log.flush()
         try:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = -1
     seconds = time.perf_counter() - started
-    record = {"command": command, "returncode": code, "wall_seconds": round(seconds, 2), "arm": run.arm.name,
-              "seed": run.seed}
-    (run.run_dir / "sweep_run.json").write_text(json.dumps(record, indent=2) + "\n")
-    return RunOutcome(run, "finished" if code == 0 and run.finished else "failed", seconds)
+    _write_record(run, command, code, seconds, resumed_from)
+    return RunOutcome(run, "finished" if code == 0 and run.finished else "failed", seconds, resumed_from)
 
 
 def _accuracy_line(run: PlannedRun) -> str:
-    try:
-        summary = json.loads((run.run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    summary = _read_json(run.run_dir / "summary.json")
+    if summary is None:
         return ""
     before, after = summary.get("accuracy_before"), summary.get("accuracy_after")
     if before is None or after is None:
@@ -187,7 +265,9 @@ def run_sweep(runs: Sequence[PlannedRun], python: str = sys.executable, timeout:
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.arm.name}/seed{run.seed}"
         if not run.finished:
-            echo(f"{label} running ... (log: {run.run_dir / 'train.log'})")
+            step = run.checkpoint_step
+            doing = "running" if step is None else f"resuming from the checkpoint of step {step}"
+            echo(f"{label} {doing} ... (log: {run.run_dir / 'train.log'})")
         outcome = execute(run, python, timeout)
         outcomes.append(outcome)
         if outcome.status == "skipped":

@@ -1,21 +1,36 @@
-"""Atomic checkpoints: complete ones are found, interrupted or damaged ones never are."""
+"""Atomic checkpoints: complete ones are found, interrupted or damaged ones never are; a run
+resumes from one only with the identity (``tip_ray.resume.IDENTITY_KEYS``) it was written with."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 from tip_ray.checkpoint_store import CheckpointStore, step_name
-from tip_ray.resume import ResumeError, config_differences, find_resume_point
+from tip_ray.cli import compose
+from tip_ray.config import identity
+from tip_ray.resume import (
+    IDENTITY_KEYS,
+    ResumeError,
+    config_differences,
+    find_resume_point,
+    identity_keys,
+    unresolved_keys,
+)
 from tip_ray.tracking import truncate_after
 
 
-def save(store: CheckpointStore, step: int, payload: bytes = b"weights") -> None:
+def save(store: CheckpointStore, step: int, payload: bytes = b"weights", config: dict | None = None) -> None:
     tmp = store.begin(step)
     (tmp / "learner").mkdir()
     (tmp / "learner" / "shard.pt").write_bytes(payload)
-    store.finish(tmp, step, {"step": step, "cursor": {"epoch": 0, "position": 8 * step}})
+    driver = {"step": step, "cursor": {"epoch": 0, "position": 8 * step}}
+    store.finish(tmp, step, driver if config is None else {**driver, "config": config})
 
 
 def test_the_newest_complete_checkpoint_is_found_and_old_ones_are_pruned(tmp_path):
@@ -89,10 +104,124 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
     longer = {**saved, "trainer": {"steps": 20}}  # running longer is the same run
     assert find_resume_point("auto", store, tmp_path, longer).step == 2
     other = {**saved, "selection": {"rule": "all", "ratio": None}}
-    with pytest.raises(ResumeError, match="selection"):
+    with pytest.raises(ResumeError, match="selection.rule: 'soft_or' -> 'all'; selection.ratio: 0.5 -> None"):
         find_resume_point("auto", store, tmp_path, other)
-    assert config_differences(saved, other) == [
-        "selection: {'rule': 'soft_or', 'ratio': 0.5} -> {'rule': 'all', 'ratio': None}"]
+    assert config_differences(saved, other) == ["selection.rule: 'soft_or' -> 'all'", "selection.ratio: 0.5 -> None"]
+
+
+@pytest.fixture(scope="module")
+def default_config() -> dict[str, Any]:
+    """The composed default training config, resolved as the trainer saves it with its checkpoints."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(compose("train", [])), resolve=True)
+
+
+def changed(config: dict[str, Any], dotted: str, value: Any = None, drop: bool = False) -> dict[str, Any]:
+    """A deep copy of ``config`` with ``dotted`` set to ``value`` (or removed, with ``drop``)."""
+    out = copy.deepcopy(config)
+    *parents, last = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node[part]
+    if drop:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+def test_every_identity_key_resolves_on_a_composed_default_config(default_config):
+    assert unresolved_keys(default_config) == []
+    assert {"student", "teacher.model", "teacher.top_k", "teacher.dtype", "learner.ta_k", "learner.lr",
+            "data.chat_template_kwargs", "data.null_answer", "selection.rule", "selection.params", "loss.kind",
+            "rollout.seed", "trainer.prompts_per_step"} <= set(IDENTITY_KEYS)
+    # how a run is executed, evaluated and logged may change on resume
+    assert not {"trainer.steps", "trainer.eval_every", "trainer.output_dir", "learner.chunk_rows",
+                "teacher.num_workers"} & set(IDENTITY_KEYS)
+    assert not [k for k in IDENTITY_KEYS
+                if k.split(".")[0] in ("eval_data", "grader", "cluster", "checkpoint", "logger", "sync", "faults")]
+
+
+# The identity as a hand-written list of dotted keys, before it was declared on the config fields:
+# every key of it is still compared ("selection" and "loss" were whole sections).
+_OLD_IDENTITY_KEYS = (
+    "student", "teacher.model", "teacher.top_k", "data.path", "data.split", "data.seed", "data.shuffle",
+    "data.limit", "rollout.n", "rollout.temperature", "rollout.top_p", "rollout.max_new_tokens", "rollout.seed",
+    "data.format", "data.prompt_field", "data.answer_field", "data.prompt_template", "data.system_prompt",
+    "data.apply_chat_template", "data.max_prompt_tokens", "data.on_overlong", "rollout.engine",
+    "teacher.backend", "teacher.values_dtype",
+    "learner.world_size", "learner.zero_stage", "learner.dtype", "learner.optimizer", "learner.lr",
+    "learner.weight_decay", "learner.betas", "learner.lr_schedule", "learner.warmup_steps", "learner.total_steps",
+    "learner.min_lr_ratio", "learner.grad_clip", "learner.global_batch_size", "learner.micro_batch_size",
+    "learner.seed", "selection", "loss", "trainer.prompts_per_step", "trainer.sync_every", "trainer.mode",
+)
+
+
+def test_the_identity_still_holds_every_key_of_the_old_list(default_config):
+    for old in _OLD_IDENTITY_KEYS:
+        covered = [k for k in IDENTITY_KEYS if k == old or k.startswith(old + ".")]
+        assert covered, old
+    for section in ("selection", "loss"):
+        assert {f"{section}.{name}" for name in default_config[section]} <= set(IDENTITY_KEYS)
+
+
+def test_a_renamed_or_missing_field_fails_to_resolve(default_config):
+    renamed = changed(default_config, "learner.lr", drop=True)
+    renamed["learner"]["learning_rate"] = default_config["learner"]["lr"]
+    assert unresolved_keys(renamed) == ["learner.lr"]
+    assert unresolved_keys(default_config, ["student", "learner.learning_rate", "nowhere.lr"]) == [
+        "learner.learning_rate", "nowhere.lr"]
+
+
+@dataclass
+class _Inner:
+    kept: int = identity(1)
+    free: int = 2
+
+
+@dataclass
+class _Outer:
+    name: str = identity()
+    inner: _Inner = identity(default_factory=_Inner)
+    other: _Inner | None = None  # unmarked: its marked fields do not count
+    note: str = ""
+
+
+def test_identity_keys_follow_the_field_declarations():
+    assert identity_keys(_Outer) == ("name", "inner.kept")
+
+
+def test_an_old_checkpoint_without_the_new_identity_keys_still_resumes(tmp_path, default_config):
+    old = default_config
+    for key in ("learner.ta_k", "teacher.dtype", "data.chat_template_kwargs", "data.null_answer"):
+        old = changed(old, key, drop=True)
+    store = CheckpointStore(tmp_path / "ckpt")
+    save(store, 2, config=old)
+    assert find_resume_point("auto", store, tmp_path, default_config).step == 2
+    lr = default_config["learner"]["lr"]
+    with pytest.raises(ResumeError, match=re.escape(f"learner.lr: {lr!r} -> {2 * lr!r}")):
+        find_resume_point("auto", store, tmp_path, changed(default_config, "learner.lr", 2 * lr))
+
+
+@pytest.mark.parametrize("key, value", [("learner.ta_k", 8), ("teacher.dtype", "bfloat16"),
+                                        ("data.null_answer", "ungraded"), ("data.chat_template_kwargs", {"x": 1}),
+                                        ("selection.ratio", 0.2), ("loss.beta", 0.1), ("rollout.seed", 7)])
+def test_a_change_to_an_identity_key_is_refused_naming_the_key(tmp_path, default_config, key, value):
+    store = CheckpointStore(tmp_path / "ckpt")
+    save(store, 2, config=default_config)
+    with pytest.raises(ResumeError, match=rf"holds a run with other settings than this one \({re.escape(key)}: "):
+        find_resume_point("auto", store, tmp_path, changed(default_config, key, value))
+
+
+def test_execution_settings_may_change_on_resume(tmp_path, default_config):
+    store = CheckpointStore(tmp_path / "ckpt")
+    save(store, 2, config=default_config)
+    current = default_config
+    for key, value in (("trainer.steps", 500), ("trainer.eval_every", 5), ("logger.wandb", False),
+                       ("cluster.num_cpus", 3), ("learner.chunk_rows", 64)):
+        current = changed(current, key, value)
+    assert find_resume_point("auto", store, tmp_path, current).step == 2
 
 
 def test_the_metrics_log_is_cut_back_to_the_checkpoint_step(tmp_path):
