@@ -131,6 +131,15 @@ def test_hand_written_notes_are_included_and_named_in_the_commands(sweep, tmp_pa
         write_report(sweep, tmp_path / "other.md", notes=tmp_path / "missing.md")
 
 
+def test_a_run_stopped_before_its_last_step_is_left_out(tmp_path):
+    root = tmp_path / "sweep"
+    write_run(root, "all_100", 0, "all", 1.0, 0.6)
+    stopped = write_run(root, "all_100", 1, "all", 1.0, 0.7)
+    # a signal stopped it after step 1 of 2: the trainer still wrote a summary
+    (stopped / "summary.json").write_text(json.dumps({"accuracy_before": 0.2, "accuracy_after": 0.5, "steps": 1}))
+    assert [r.seed for r in collect_runs(root)] == [0]
+
+
 def test_unreadable_runs_are_named(tmp_path):
     run = write_run(tmp_path, "all_100", 0, "all", 1.0, 0.5)
     (run / "metrics.jsonl").write_text("{broken\n")
@@ -186,3 +195,146 @@ def test_an_arm_that_ends_below_its_start_gets_a_note_with_its_end_state(sweep):
     notes = [n for n in collapse_notes(summarize(collect_runs(sweep))) if n]
     assert notes == ["random_50 ends below its starting accuracy (10.0% vs 20.0%). At the end its KL(student‖teacher) "
                      "per token is 2.500, its responses average 90.0 tokens and 30.0 per step hit the length limit."]
+
+
+def to_kl_run(run, rkl, agreement=None, accuracy=False):
+    """Turn a run of `write_run` into one that logged the held-out reverse KL (and agreement) at
+    its three evaluations (`rkl`, `agreement`: before, step 1, after), as the trainer writes them:
+    per row of metrics.jsonl and in summary.json's eval_before/eval_after; without accuracy
+    unless `accuracy`."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/accuracy" in r]
+    for i, r in enumerate(evals):
+        r["eval/rkl"] = rkl[i]
+        if agreement is not None:
+            r["eval/teacher_agreement"] = agreement[i]
+        if not accuracy:
+            del r["eval/accuracy"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((run / "summary.json").read_text())
+    keys = [k for k in ("eval/accuracy", "eval/rkl", "eval/teacher_agreement") if k in evals[0]]
+    summary.update(eval_before={k: evals[0][k] for k in keys}, eval_after={k: evals[-1][k] for k in keys})
+    if not accuracy:
+        summary.update(accuracy_before=None, accuracy_after=None)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def kl_sweep(tmp_path):
+    """The `sweep` fixture's arms and seeds with held-out reverse KL and agreement, no accuracy."""
+    root = tmp_path / "kl_sweep"
+    for seed, (kl, agree, wall) in enumerate([(0.5, 0.7, 100.0), (0.6, 0.75, 110.0), (0.7, 0.8, 120.0)]):
+        to_kl_run(write_run(root, "all_100", seed, "all", 1.0, 0.0, wall=wall), (1.0, 0.8, kl), (0.5, 0.6, agree))
+    for seed, (kl, agree) in enumerate([(0.45, 0.8), (0.55, 0.9)]):
+        to_kl_run(write_run(root, "soft_or_50", seed, "soft_or", 0.5, 0.0, kept=(50, 50), memory=(400.0, 410.0)),
+                  (1.0, 0.7, kl), (0.5, 0.65, agree))
+    to_kl_run(write_run(root, "random_50", 0, "random", 0.5, 0.0, kept=(60, 40), valid=(120, 80)),
+              (1.0, 0.9, 0.8), (0.5, 0.55, 0.6))
+    return root
+
+
+def test_a_run_without_accuracy_but_with_held_out_kl_is_read(kl_sweep):
+    run = load_run(kl_sweep / "all_100" / "seed1")
+    assert run.accuracy_before is None and run.curve == () and set(run.scores) == {"rkl", "agreement"}
+    assert (run.scores["rkl"].before, run.scores["rkl"].after) == (1.0, 0.6)
+    assert run.scores["rkl"].curve == ((0, 1.0), (1, 0.8), (2, 0.6))
+    assert run.scores["agreement"].curve == ((0, 0.5), (1, 0.6), (2, 0.75))
+
+
+def test_kl_gap_closed_and_final_agreement_per_arm(kl_sweep):
+    from tip_ray.report import choose_metric
+
+    summaries = summarize(collect_runs(kl_sweep))
+    arms = {s.arm: s.scores for s in summaries}
+    a, s, r = arms["all_100"]["rkl"], arms["soft_or_50"]["rkl"], arms["random_50"]["rkl"]
+    assert a.final == pytest.approx(0.6) and a.std == pytest.approx(0.1) and a.before == 1.0
+    assert s.final == pytest.approx(0.5) and s.std == pytest.approx(math.sqrt(0.005)) and r.std is None
+    # (kl_before - kl_arm) / (kl_before - kl_all) with kl_before = 1.0 and kl_all = 0.6
+    assert a.recovered == pytest.approx(1.0)
+    assert s.recovered == pytest.approx((1.0 - 0.5) / (1.0 - 0.6))
+    assert r.recovered == pytest.approx((1.0 - 0.8) / (1.0 - 0.6))
+    assert arms["soft_or_50"]["agreement"].final == pytest.approx(0.85)
+    assert "accuracy" not in arms["all_100"] and summaries[0].accuracy is None
+    assert choose_metric(summaries) == "rkl"  # no accuracy: KL is the default primary metric
+    with pytest.raises(ReportError, match="--metric accuracy: not every run logged eval/accuracy"):
+        choose_metric(summaries, "accuracy")
+
+
+def test_the_kl_tables_carry_the_numbers(kl_sweep):
+    from tip_ray.report import curve_table
+
+    summaries = summarize(collect_runs(kl_sweep))
+    table = results_table(summaries).splitlines()
+    assert table[0] == ("| arm | rule | ratio | seeds | tokens trained (kept) | kept | final held-out KL (mean ± std) "
+                        "| KL gap closed vs all | final agreement % (mean ± std) | peak learner memory MB "
+                        "| wall time s |")
+    assert table[2] == "| all_100 | `all` | 1 | 3 | 200 | 100.0% | 0.600 ± 0.100 | 1.00 | 75.0 ± 5.0 | 520 | 110 |"
+    assert table[3] == "| soft_or_50 | `soft_or` | 0.5 | 2 | 100 | 50.0% | 0.500 ± 0.071 | 1.25 | 85.0 ± 7.1 | 410 | 100 |"
+    assert table[4] == "| random_50 | `random` | 0.5 | 1 | 100 | 50.0% | 0.800 | 0.50 | 60.0 | 520 | 100 |"
+    kl = curve_table(summaries, "rkl").splitlines()
+    assert kl[0] == "| arm | step 0 | step 1 | step 2 |"
+    assert kl[2] == "| all_100 | 1.000 | 0.800 | 0.600 |" and kl[3] == "| soft_or_50 | 1.000 | 0.700 | 0.500 |"
+    agreement = curve_table(summaries, "agreement").splitlines()
+    assert agreement[2] == "| all_100 | 50.0 | 60.0 | 75.0 |" and agreement[4] == "| random_50 | 50.0 | 55.0 | 60.0 |"
+
+
+def test_claims_are_judged_on_kl_where_lower_is_better(kl_sweep):
+    summaries = summarize(collect_runs(kl_sweep))
+    claims = {c.statement: c for c in check_claims(summaries, "rkl")}
+    better = claims["soft_or 50% is at least as good as all tokens"]
+    # KL 0.5 vs 0.6: lower is better, so soft_or agrees; standard error sqrt(0.01/3 + 0.005/2) = 0.076
+    assert better.verdict == "agrees" and not better.clear
+    assert better.detail == "soft_or_50 0.500 vs all_100 0.600: difference -0.100, standard error 0.076"
+    control = claims["random 50% is worse than soft_or 50% (same budget)"]
+    assert control.verdict == "agrees" and control.clear is None and "difference +0.300" in control.detail
+
+
+def test_a_kl_report_names_its_figures_after_the_page_and_lists_its_commands(tmp_path):
+    root = tmp_path / "sweep"
+    for seed, kl in enumerate([0.6, 0.7]):  # accuracy is logged too, but --metric rkl makes KL the primary metric
+        to_kl_run(write_run(root, "all_100", seed, "all", 1.0, 0.0, before=0.0, mid=0.0), (1.0, 0.8, kl),
+                  (0.5, 0.6, 0.7), accuracy=True)
+    for seed, kl in enumerate([0.8, 0.9]):
+        to_kl_run(write_run(root, "overconfident_10", seed, "overconfident", 0.1, 0.0, before=0.0, mid=0.0,
+                            kept=(10, 10)), (1.0, 0.9, kl), (0.5, 0.55, 0.6), accuracy=True)
+    notes = tmp_path / "notes.md"
+    notes.write_text("KL is the evidence here.\n")
+    text = write_report(root, tmp_path / "docs" / "results_real.md", command="tip-ray report X", notes=notes,
+                        metric="rkl").read_text()
+    assert f"tip-ray report --root sweep --out docs/results_real.md --notes {notes} --metric rkl" in text
+    assert "| final held-out KL (mean ± std) | KL gap closed vs all | final agreement % (mean ± std) " \
+           "| final accuracy % (mean ± std) | gain recovered vs all |" in text
+    assert "| all_100 | `all` | 1 | 2 | 200 | 100.0% | 0.650 ± 0.071 | 1.00 | 70.0 ± 0.0 | 0.0 ± 0.0 | - |" in text
+    assert "KL gap closed = (kl_before - kl_arm) / (kl_before - kl_all)" in text
+    assert "judged on the final held-out KL (lower is better)" in text
+    # (1.0 - 0.85) / (1.0 - 0.65) of the KL gap: short of 90%
+    assert ("overconfident (Q3) at 10% nearly matches all tokens (closes >= 90% of its KL gap) | "
+            "TIP: 76.1 at under 10% vs 76.7 | **does not agree**: closes 0.43 of the KL gap; 0.850 vs 0.650") in text
+    assert "embedded" not in text and "vocabulary here is 128" not in text and "rock" not in text
+    figures = tmp_path / "docs" / "figures"
+    for metric in ("rkl", "agreement", "accuracy"):
+        for kind in ("step", "budget"):
+            png = figures / f"results_real_{metric}_vs_{kind}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"(figures/{png.name})" in text
+    assert not list(figures.glob("sweep_*"))  # docs/results.md's figures are left alone
+    assert text.index("Held-out reverse KL per token") < text.index("Held-out accuracy during training")
+
+
+def test_the_report_command_takes_the_metric(kl_sweep, tmp_path, capsys):
+    from tip_ray.report import main
+
+    out = tmp_path / "docs" / "results_kl.md"
+    assert main(["--root", str(kl_sweep), "--out", str(out), "--metric", "rkl"]) == 0
+    assert f"--out {out} --metric rkl`" in out.read_text()
+    assert "| final held-out KL (mean ± std) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--metric accuracy: not every run logged eval/accuracy"):
+        main(["--root", str(kl_sweep), "--out", str(out), "--metric", "accuracy"])
+
+
+def test_a_run_with_neither_accuracy_nor_kl_is_an_error(tmp_path):
+    run = write_run(tmp_path, "all_100", 0, "all", 1.0, 0.5)
+    (run / "summary.json").write_text(json.dumps({"accuracy_before": None, "accuracy_after": None, "steps": 2,
+                                                  "eval_before": {"eval/graded": 0}, "eval_after": {}}))
+    with pytest.raises(ReportError, match="neither held-out accuracy nor held-out reverse KL"):
+        load_run(run)
