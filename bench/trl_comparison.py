@@ -1,12 +1,44 @@
 """End-to-end on-policy distillation throughput: tip_ray (rule `all`, and `soft_or` 0.5) vs TRL.
 
-Same teacher and student (the embedded pair, `tip-ray prepare-demo`), same prompts in the same
+Same teacher and student (the embedded pair, `tip-ray prepare-demo`, or with ``--pair NAME`` a pair
+preset's, e.g. ``--pair smollm2`` after `tip-ray prepare-pair smollm2`), same prompts in the same
 order (the first ``steps x prompts_per_step`` prompts of tip_ray's ``PromptStream``, handed to
 TRL as text and checked to tokenize to the same ids), same prompts per optimizer step, same
 ``max_new_tokens``, temperature 1, same optimizer (AdamW, constant lr, clip 1.0), same number of
 optimizer steps, reverse KL against the teacher's full distribution (tip_ray ``loss.kind=rkl`` with
 ``teacher.top_k=null``; TRL ``beta=1.0``), no evaluation, minimal logging, no checkpoint on the TRL
 side (tip_ray writes its final checkpoint after the last step, outside the timed steps).
+
+The teacher signal: TRL 1.16's ``DistillationTrainer`` has no sparse (top-k) teacher signal: its loss
+(the chunked generalized JSD, ``_chunked_divergence_loss``) projects the teacher's last hidden states
+through the teacher's ``lm_head`` onto the whole vocabulary, and its ``top_k`` is a sampling setting
+of the generation only. So every like-for-like tip_ray case runs ``teacher.top_k=null`` (the exact
+full-vocabulary reverse KL, the loss TRL computes). With ``--pair``, one more case,
+``tip_ray-all-top<k>``, runs the pair preset's own teacher signal (top-k plus the sampled token and
+the tail; top-32 on smollm2): what tip_ray would run on that pair, not what TRL can run. Both sides
+load the pair in float32 (TRL ``dtype=float32``; tip_ray's pair presets pin float32 for rollout,
+teacher and learner). The phases are not split alike: TRL's ``teacher`` is the teacher backbone
+forward only (the teacher's ``lm_head`` projection happens inside the chunked loss, so in TRL's
+``learner``); tip_ray's ``teacher`` is the teacher actor's whole forward and the transfer of its
+signal. Compare the step totals.
+
+With ``--pair NAME`` the student, teacher, prompts and sizes come from ``tip_ray/conf/pair/NAME.yaml``:
+tip_ray's config is composed with ``pair=NAME`` (its data preset, chat template, prompts per step,
+micro-batch, ``max_new_tokens``, lr), and the cases are TRL (torch's default threads),
+tip_ray `all` and `soft_or` 0.5 (sync, ``teacher.top_k=null``) and tip_ray `all` at the pair's top-k.
+Any of ``--prompts-per-step``/``--micro-batch-size``/``--max-new-tokens``/``--lr``/``--student``/
+``--teacher`` still overrides the pair's value.
+
+Memory (``--ratios R ...``): the learner's peak memory per rank (``learner_peak_memory_mb`` of
+metrics.jsonl: the peak RSS of the largest learner rank, a running maximum over the run) at
+`soft_or` ratio R, against TRL's process peak RSS (``ru_maxrss`` of the worker, which holds student,
+teacher, optimizer states and generation in one process; tip_ray's learner rank holds its student
+copy, gradients and its ZeRO-2 share of the optimizer states, while the rollout engine and the
+teacher live in other processes, so this is not the whole of tip_ray's memory). Ratio 1.0 is the
+`all` case; a ratio that is already a case (0.5: ``tip_ray-soft_or-0.5``) reuses that run; each
+other ratio is one more ``tip-ray train`` run of ``--ratio-steps`` steps (``teacher.top_k=null``,
+the same first prompts). Since a process peak only grows, every run is compared at the same step,
+the last step of the shortest run (``--ratio-steps``); the peak over each whole run is reported too.
 
 - tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed ZeRO-2
   learner on Ray, weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
@@ -33,10 +65,13 @@ Usage:
     python bench/trl_comparison.py --steps 20 --warmup-steps 3
     python bench/trl_comparison.py --startup-profile # plus one tip_ray run with its start-up timed
     python bench/trl_comparison.py --repeats 3       # every case 3 times, interleaved, steps pooled
+    python bench/trl_comparison.py --pair smollm2 --steps 8 --ratios 1.0 0.5 0.2 0.1
+        # the SmolLM2 pair (`tip-ray prepare-pair smollm2`), with the learner peak at 4 ratios
     python bench/scaled_pair.py --out runs/bench_pair/m && python bench/trl_comparison.py \
         --student runs/bench_pair/m/student --teacher runs/bench_pair/m/teacher --tag m   # a bigger pair
-Prints a table and writes bench/results/trl_comparison[-TAG].json (run directories under
-bench/results/trl_comparison[-TAG]/). Target: tip_ray with `all` >= 1.5x TRL's response tokens/s.
+Prints a table (and with ``--ratios`` a memory table) and writes bench/results/trl_comparison[-TAG].json
+(run directories under bench/results/trl_comparison[-TAG]/; TAG defaults to the pair's name).
+Target: tip_ray with `all` >= 1.5x TRL's response tokens/s.
 """
 
 from __future__ import annotations
@@ -49,13 +84,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TRL_PYTHON = ROOT / "bench" / ".venv-trl" / "bin" / "python"
 TARGET_RATIO = 1.5
+# The sizes of the embedded pair (the defaults without --pair).
+EMBEDDED = {"prompts_per_step": 32, "micro_batch_size": 8, "max_new_tokens": 96, "lr": 3e-4,
+            "student": "runs/embedded/student", "teacher": "runs/embedded/teacher"}
 
 
 @dataclass(frozen=True)
@@ -70,12 +108,43 @@ class Setup:
     lr: float
     student: str
     teacher: str
+    pair: str | None = None  # the tip_ray pair preset composed under the overrides (None: the default, embedded)
 
 
-def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path, mode: str = "sync") -> list[str]:
+@dataclass(frozen=True)
+class TipCase:
+    """One tip_ray case: selection, trainer mode, teacher signal (None: the full distribution) and, for a
+    memory-only ratio run, its own number of steps (None: the setup's)."""
+
+    rule: str
+    ratio: float
+    mode: str = "sync"
+    top_k: int | None = None
+    steps: int | None = None
+
+    @property
+    def name(self) -> str:
+        return ("tip_ray-" + ("all" if self.rule == "all" else f"{self.rule}-{self.ratio:g}")
+                + ("" if self.top_k is None else f"-top{self.top_k}") + ("" if self.mode == "sync" else f"-{self.mode}"))
+
+
+def pair_defaults(pair: str) -> dict:
+    """The student, teacher, sizes and teacher top-k of tip_ray's pair preset ``pair``."""
+    from tip_ray.cli import compose
+
+    cfg = compose("train", [f"pair={pair}"])
+    return {"prompts_per_step": cfg.trainer.prompts_per_step, "micro_batch_size": cfg.learner.micro_batch_size,
+            "max_new_tokens": cfg.rollout.max_new_tokens, "lr": cfg.learner.lr, "student": cfg.student,
+            "teacher": cfg.teacher.model, "top_k": cfg.teacher.top_k}
+
+
+def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path, mode: str = "sync",
+                  top_k: int | None = None) -> list[str]:
     """Hydra overrides for one tip_ray run of ``setup`` (the embedded default otherwise)."""
     return [
-        f"trainer.mode={mode}", f"student={setup.student}", f"teacher.model={setup.teacher}", "teacher.top_k=null",
+        *([f"pair={setup.pair}"] if setup.pair else []),
+        f"trainer.mode={mode}", f"student={setup.student}", f"teacher.model={setup.teacher}",
+        f"teacher.top_k={'null' if top_k is None else top_k}",
         f"trainer.steps={setup.steps}", f"trainer.prompts_per_step={setup.prompts_per_step}",
         f"learner.global_batch_size={setup.prompts_per_step}", f"learner.micro_batch_size={setup.micro_batch_size}",
         f"learner.lr={setup.lr}", "learner.lr_schedule=constant", "learner.warmup_steps=0", "learner.grad_clip=1.0",
@@ -129,11 +198,15 @@ def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
     return seconds
 
 
-def run_tip(setup: Setup, name: str, rule: str, ratio: float, workdir: Path, mode: str = "sync") -> dict:
+def run_tip(setup: Setup, case: TipCase, workdir: Path) -> dict:
     """One ``tip-ray train`` run; per-step records from its metrics.jsonl."""
+    name = case.name
     out = workdir / name
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
-    wall = _run([sys.executable, "-m", "tip_ray.cli", "train", *tip_overrides(setup, rule, ratio, out, mode)],
+    if case.steps is not None:
+        setup = replace(setup, steps=case.steps)
+    wall = _run([sys.executable, "-m", "tip_ray.cli", "train",
+                 *tip_overrides(setup, case.rule, case.ratio, out, case.mode, case.top_k)],
                 workdir / f"{name}.log")
     steps = []
     for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -226,6 +299,7 @@ def summarize(run: dict, warmup: int, sequences_per_step: int) -> dict:
         "best_step_response_tokens_per_second": max(s["response_tokens"] / s["seconds"] for s in steady),
         "response_tokens_per_second": sum(s["response_tokens"] for s in steady) / seconds,
         "trained_tokens_per_second": sum(s["trained_tokens"] for s in steady) / seconds,
+        "peak_memory_mb": peak_memory_mb(run),
         "phase_seconds_per_step": {k[5:]: sum(s[k] for s in steady) / len(steady) for k in phases},
         "truncated_share": sum(s["truncated"] for s in steady) / (len(steady) * sequences_per_step),
         "wall_seconds": run["wall_seconds"],
@@ -233,6 +307,17 @@ def summarize(run: dict, warmup: int, sequences_per_step: int) -> dict:
         "load_average_before_after": run["load_average"],
         "outside_steps_seconds": run["wall_seconds"] - sum(s["seconds"] for s in run["steps"]) / run.get("repeats", 1),
     }
+
+
+def _peak_mb(step: dict) -> float:
+    """A step record's running peak, MiB: tip_ray's learner peak per rank, TRL's process peak RSS."""
+    return step["learner_peak_memory_mb"] if "learner_peak_memory_mb" in step else step.get("peak_rss_mb", float("nan"))
+
+
+def peak_memory_mb(run: dict, at_step: int | None = None) -> float:
+    """The peak of ``run`` over its whole run(s), or as it stood after step ``at_step`` (the largest over
+    repeats)."""
+    return max(_peak_mb(s) for s in run["steps"] if at_step is None or s["step"] == at_step)
 
 
 def merge_repeats(runs: list[dict]) -> dict:
@@ -261,7 +346,8 @@ def report(setup: Setup, summaries: list[dict]) -> dict:
     table = Table(title=f"on-policy distillation, {setup.student} <- {setup.teacher}: {setup.prompts_per_step} "
                         f"prompts/step, max_new_tokens {setup.max_new_tokens}, steps {setup.warmup_steps + 1}-"
                         f"{setup.steps} of each run measured")
-    for col in ("run", "s/step", "median", "best", "rollout", "teacher", "learner", "sync", "resp tok/step",
+    table.add_column("run", justify="right", no_wrap=True)  # the other columns give way, the names stay whole
+    for col in ("s/step", "median", "best", "rollout", "teacher", "learner", "sync", "resp tok/step",
                 "resp tok/s", "trained tok/s", "x TRL", "x TRL median", "x TRL best", "startup+teardown s", "load 1m"):
         table.add_column(col, justify="right")
     for s in summaries:
@@ -285,20 +371,57 @@ def report(setup: Setup, summaries: list[dict]) -> dict:
             "results": summaries}
 
 
+def memory_report(trl: dict, ratio_runs: list[tuple[float, dict]], at_step: int) -> dict:
+    """Print the memory table (the learner peak per rank at each ratio against TRL's process peak) and
+    return its JSON section."""
+    from rich.console import Console
+    from rich.table import Table
+
+    trl_at, trl_peak = peak_memory_mb(trl, at_step), peak_memory_mb(trl)
+    rows = [{"name": trl["name"], "what": "process peak RSS (student, teacher, optimizer, generation)",
+             "steps": max(s["step"] for s in trl["steps"]), f"peak_at_step_{at_step}_mb": trl_at, "peak_mb": trl_peak}]
+    for ratio, run in ratio_runs:
+        at, peak = peak_memory_mb(run, at_step), peak_memory_mb(run)
+        rows.append({"name": run["name"], "what": "learner peak RSS per rank (largest rank)", "ratio": ratio,
+                     "rule": "all" if ratio == 1.0 else "soft_or",
+                     "steps": max(s["step"] for s in run["steps"]), f"peak_at_step_{at_step}_mb": at, "peak_mb": peak,
+                     f"peak_at_step_{at_step}_vs_trl": at / trl_at, "peak_vs_trl_peak": peak / trl_peak})
+    table = Table(title=f"peak memory: tip_ray's learner per rank at each ratio vs {trl['name']}'s process peak "
+                        f"(step {at_step} of every run; and over each whole run)")
+    for col in ("run", "ratio", "steps", f"peak @ step {at_step} MiB", "x TRL", "run peak MiB", "x TRL peak"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["name"], f"{r['ratio']:.2f} ({r['rule']})" if "ratio" in r else "-", str(r["steps"]),
+                      f"{r[f'peak_at_step_{at_step}_mb']:.0f}",
+                      f"{r[f'peak_at_step_{at_step}_vs_trl']:.2f}" if "ratio" in r else "1.00",
+                      f"{r['peak_mb']:.0f}", f"{r['peak_vs_trl_peak']:.2f}" if "ratio" in r else "1.00")
+    Console(width=None if sys.stdout.isatty() else 150).print(table)
+    return {"at_step": at_step, "trl_baseline": trl["name"], "results": rows}
+
+
 def main() -> int:
     """Run the cases (TRL and tip_ray alternating), print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", help="a tip_ray pair preset (tip_ray/conf/pair/PAIR.yaml, e.g. smollm2): its "
+                        "student, teacher, prompts and sizes; default: the embedded pair")
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=2, help="first steps left out of the averages")
-    parser.add_argument("--prompts-per-step", type=int, default=32)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--student", default="runs/embedded/student")
-    parser.add_argument("--teacher", default="runs/embedded/teacher")
+    parser.add_argument("--prompts-per-step", type=int, help="default: 32, or the pair's")
+    parser.add_argument("--micro-batch-size", type=int, help="default: 8, or the pair's")
+    parser.add_argument("--max-new-tokens", type=int, help="default: 96, or the pair's")
+    parser.add_argument("--lr", type=float, help="default: 3e-4, or the pair's")
+    parser.add_argument("--student", help=f"default: {EMBEDDED['student']}, or the pair's")
+    parser.add_argument("--teacher", help=f"default: {EMBEDDED['teacher']}, or the pair's")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of every case (interleaved); each case's steps are pooled over its rounds")
-    parser.add_argument("--tag", default="", help="suffix of the result file and run folder (another pair, say)")
+    parser.add_argument("--ratios", type=float, nargs="+",
+                        help="also the learner's peak memory per rank at these soft_or ratios (1.0: the `all` case) "
+                             "against TRL's process peak, e.g. 1.0 0.5 0.2 0.1")
+    parser.add_argument("--ratio-steps", type=int, default=3,
+                        help="steps of each extra ratio run, and the step at which every run's peak is compared "
+                             "(>= 2: the optimizer states are made in step 1)")
+    parser.add_argument("--tag", default=None, help="suffix of the result file and run folder (another pair, say); "
+                        "default: the pair's name")
     parser.add_argument("--startup-profile", action="store_true",
                         help="also run tip_ray once more with its start-up split into parts")
     parser.add_argument("--startup-profile-case", help=argparse.SUPPRESS)
@@ -310,36 +433,61 @@ def main() -> int:
         parser.error("--warmup-steps must be below --steps")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    for path in (args.student, args.teacher):
+    if args.ratios and not 1 <= args.ratio_steps <= args.steps:
+        parser.error("--ratio-steps must be between 1 and --steps")
+    if args.ratios and not all(0 < r <= 1 for r in args.ratios):
+        parser.error("--ratios must be in (0, 1]")
+    base = pair_defaults(args.pair) if args.pair else {**EMBEDDED, "top_k": None}
+    sizes = {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in EMBEDDED}
+    for path in (sizes["student"], sizes["teacher"]):
         if not (ROOT / path / "config.json").is_file():
-            raise SystemExit(f"{path} is missing: run `tip-ray prepare-demo` first")
+            raise SystemExit(f"{path} is missing: run `tip-ray "
+                             f"{f'prepare-pair {args.pair}' if args.pair else 'prepare-demo'}` first")
     if not TRL_PYTHON.is_file():
         raise SystemExit("bench/.venv-trl is missing: run `bash bench/setup_trl_env.sh` first")
-    setup = Setup(args.steps, args.warmup_steps, args.prompts_per_step, args.micro_batch_size, args.max_new_tokens,
-                  args.lr, args.student, args.teacher)
+    setup = Setup(args.steps, args.warmup_steps, sizes["prompts_per_step"], sizes["micro_batch_size"],
+                  sizes["max_new_tokens"], sizes["lr"], sizes["student"], sizes["teacher"], args.pair)
 
-    name = "trl_comparison" + (f"-{args.tag}" if args.tag else "")
+    tag = args.pair if args.tag is None else args.tag
+    name = "trl_comparison" + (f"-{tag}" if tag else "")
     workdir = RESULTS / name
     workdir.mkdir(parents=True, exist_ok=True)
     prompts = workdir / "prompts.jsonl"
     print(f"wrote {write_prompts(setup, prompts)} prompts to {prompts.relative_to(ROOT)}", file=sys.stderr)
-    # TRL twice: torch's default threads (one per core) and one thread, which on a small model
-    # can be faster (no cross-thread synchronisation per tiny kernel); the faster is the baseline.
-    cases = (("trl", lambda: run_trl(setup, prompts, workdir, None)),
-             ("tip_ray-all", lambda: run_tip(setup, "tip_ray-all", "all", 1.0, workdir)),
-             ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
-             ("tip_ray-soft_or-0.5", lambda: run_tip(setup, "tip_ray-soft_or-0.5", "soft_or", 0.5, workdir)),
-             ("tip_ray-all-overlap", lambda: run_tip(setup, "tip_ray-all-overlap", "all", 1.0, workdir, "overlap")),
-             ("tip_ray-soft_or-0.5-overlap",
-              lambda: run_tip(setup, "tip_ray-soft_or-0.5-overlap", "soft_or", 0.5, workdir, "overlap")))
+    if setup.pair:
+        # A real pair: TRL with torch's default threads only (one thread only pays off on a tiny model),
+        # tip_ray like for like (full distribution), and tip_ray at the pair's own teacher top-k.
+        tip_cases = [TipCase("all", 1.0), TipCase("soft_or", 0.5),
+                     *([TipCase("all", 1.0, top_k=base["top_k"])] if base["top_k"] is not None else [])]
+        cases = [("trl", lambda: run_trl(setup, prompts, workdir, None)),
+                 *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases)]
+    else:
+        # TRL twice: torch's default threads (one per core) and one thread, which on a small model
+        # can be faster (no cross-thread synchronisation per tiny kernel); the faster is the baseline.
+        tip_cases = [TipCase("all", 1.0), TipCase("soft_or", 0.5), TipCase("all", 1.0, "overlap"),
+                     TipCase("soft_or", 0.5, "overlap")]
+        cases = [("trl", lambda: run_trl(setup, prompts, workdir, None)),
+                 (tip_cases[0].name, lambda: run_tip(setup, tip_cases[0], workdir)),
+                 ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
+                 *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases[1:])]
+    # The memory ratios: a case already run reuses it; any other ratio is one short run more.
+    ratio_cases = [(r, TipCase("all", 1.0) if r == 1.0 else TipCase("soft_or", r))
+                   for r in dict.fromkeys(args.ratios or [])]
+    extra = [replace(c, steps=args.ratio_steps) for _, c in ratio_cases if c not in tip_cases]
+    cases += [(c.name, lambda c=c: run_tip(setup, c, workdir)) for c in extra]
     rounds: dict[str, list[dict]] = {case: [] for case, _ in cases}
     for round_index in range(args.repeats):
         for case, runner in cases:
             print(f"  running {case} (round {round_index + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             rounds[case].append(runner())
             print(f"  {case}: {rounds[case][-1]['wall_seconds']:.0f} s wall", file=sys.stderr, flush=True)
-    runs = [merge_repeats(r) for r in rounds.values()]
-    doc = report(setup, [summarize(r, setup.warmup_steps, setup.prompts_per_step) for r in runs])
+    runs = {case: merge_repeats(r) for case, r in rounds.items()}
+    extra_names = {c.name for c in extra}
+    doc = report(setup, [summarize(r, setup.warmup_steps, setup.prompts_per_step)
+                         for case, r in runs.items() if case not in extra_names])
+    if ratio_cases:
+        doc["memory"] = memory_report(runs[doc["trl_baseline"]], [(r, runs[c.name]) for r, c in ratio_cases],
+                                      args.ratio_steps)
     if args.startup_profile:
         print("  running the tip_ray start-up profile ...", file=sys.stderr, flush=True)
         doc["tip_ray_startup_profile"] = profile = run_startup_profile(setup, workdir)

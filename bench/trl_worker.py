@@ -13,7 +13,8 @@ generalized JSD) against the teacher's full distribution, and times every step b
 - ``learner``: the rest of the optimizer step (student forward, chunked divergence, backward,
   optimizer step).
 
-Writes one JSON document (``--out``) with the per-step records and the process's peak RSS.
+Writes one JSON document (``--out``) with the per-step records (each with the process's peak RSS
+so far, ``peak_rss_mb``: a running maximum) and the process's peak RSS at the end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (Linux reports ``ru_maxrss`` in KiB): student,
+    teacher, optimizer states and generation together, as TRL holds them all in one process."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def load_prompts(path: Path, tokenizer) -> list[str]:
@@ -83,6 +90,7 @@ def build_trainer(args: argparse.Namespace, texts: list[str], output_dir: str):
                 "step": state.global_step, "seconds": total, "time/rollout": rollout, "time/teacher": teacher,
                 "time/learner": total - rollout - teacher, "response_tokens": current.get("response_tokens", 0),
                 "sequences": current.get("sequences", 0), "truncated": current.get("truncated", 0),
+                "peak_rss_mb": _peak_rss_mb(),
             })
 
     tokenizer = AutoTokenizer.from_pretrained(args.student, padding_side="left")
@@ -170,7 +178,7 @@ def main() -> int:
         "torch_threads": trainer.bench_threads,
         "startup_seconds": ready - started,
         "train_seconds": finished - ready,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "steps": trainer.bench_records,
     }
     args.out.write_text(json.dumps(doc, indent=2))
