@@ -25,7 +25,8 @@ signal. Compare the step totals.
 With ``--pair NAME`` the student, teacher, prompts and sizes come from ``tip_ray/conf/pair/NAME.yaml``:
 tip_ray's config is composed with ``pair=NAME`` (its data preset, chat template, prompts per step,
 micro-batch, ``max_new_tokens``, lr), and the cases are TRL (torch's default threads),
-tip_ray `all` and `soft_or` 0.5 (sync, ``teacher.top_k=null``) and tip_ray `all` at the pair's top-k.
+tip_ray `all` (sync, ``teacher.top_k=null``: like for like) and tip_ray `all` and `soft_or` 0.5 at the
+pair's own teacher top-k (what the pair preset runs).
 Any of ``--prompts-per-step``/``--micro-batch-size``/``--max-new-tokens``/``--lr``/``--student``/
 ``--teacher`` still overrides the pair's value.
 
@@ -35,10 +36,13 @@ metrics.jsonl: the peak RSS of the largest learner rank, a running maximum over 
 teacher, optimizer states and generation in one process; tip_ray's learner rank holds its student
 copy, gradients and its ZeRO-2 share of the optimizer states, while the rollout engine and the
 teacher live in other processes, so this is not the whole of tip_ray's memory). Ratio 1.0 is the
-`all` case; a ratio that is already a case (0.5: ``tip_ray-soft_or-0.5``) reuses that run; each
-other ratio is one more ``tip-ray train`` run of ``--ratio-steps`` steps (``teacher.top_k=null``,
-the same first prompts). Since a process peak only grows, every run is compared at the same step,
-the last step of the shortest run (``--ratio-steps``); the peak over each whole run is reported too.
+`all` case; a ratio that is already a case reuses that run; each other ratio is one more
+``tip-ray train`` run of ``--ratio-steps`` steps (the same first prompts; with ``--pair`` at the
+pair's top-k, the ``-topK`` cases, else ``teacher.top_k=null``). Since a process peak only grows,
+every run is compared at the same step, the last step of the shortest run (``--ratio-steps``); the
+peak over each whole run is reported too. The same table gives the learner's time per step at each
+ratio (``time/learner`` and its ``learner_time/*`` split, mean over steps 2 .. ``--ratio-steps`` of
+every run: the same prompts), against ratio 1.0's.
 
 - tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed ZeRO-2
   learner on Ray, weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
@@ -217,7 +221,8 @@ def run_tip(setup: Setup, case: TipCase, workdir: Path) -> dict:
         steps.append({"step": m["step"], "seconds": sum(phases.values()), **{f"time/{k}": v for k, v in phases.items()},
                       "response_tokens": m["valid_tokens"], "trained_tokens": m["kept_tokens"],
                       "truncated": m["truncated"], "loss": m["loss"],
-                      "learner_peak_memory_mb": m["learner_peak_memory_mb"]})
+                      "learner_peak_memory_mb": m["learner_peak_memory_mb"],
+                      **{k: v for k, v in m.items() if k.startswith("learner_time/")}})
     return {"name": name, "wall_seconds": wall, "load_average": LOAD[name], "steps": steps}
 
 
@@ -301,6 +306,9 @@ def summarize(run: dict, warmup: int, sequences_per_step: int) -> dict:
         "trained_tokens_per_second": sum(s["trained_tokens"] for s in steady) / seconds,
         "peak_memory_mb": peak_memory_mb(run),
         "phase_seconds_per_step": {k[5:]: sum(s[k] for s in steady) / len(steady) for k in phases},
+        "learner_phase_seconds_per_step": {k[len("learner_time/"):]: sum(s.get(k, 0.0) for s in steady) / len(steady)
+                                           for k in sorted({k for s in steady for k in s
+                                                            if k.startswith("learner_time/")})},
         "truncated_share": sum(s["truncated"] for s in steady) / (len(steady) * sequences_per_step),
         "wall_seconds": run["wall_seconds"],
         "repeats": run.get("repeats", 1),
@@ -371,6 +379,15 @@ def report(setup: Setup, summaries: list[dict]) -> dict:
             "results": summaries}
 
 
+def learner_seconds(run: dict, last_step: int) -> dict[str, float]:
+    """Mean learner seconds per step of a tip_ray ``run`` over steps 2 .. ``last_step`` (step 1 is
+    warm-up; the same steps, hence the same prompts, for every run): ``learner`` (``time/learner``)
+    and its ``learner_time/*`` phases."""
+    steps = [s for s in run["steps"] if 2 <= s["step"] <= last_step] or [s for s in run["steps"] if s["step"] <= last_step]
+    keys = ["time/learner", *sorted({k for s in steps for k in s if k.startswith("learner_time/")})]
+    return {k.split("/", 1)[1]: sum(s.get(k, 0.0) for s in steps) / len(steps) for k in keys}
+
+
 def memory_report(trl: dict, ratio_runs: list[tuple[float, dict]], at_step: int) -> dict:
     """Print the memory table (the learner peak per rank at each ratio against TRL's process peak) and
     return its JSON section."""
@@ -378,6 +395,7 @@ def memory_report(trl: dict, ratio_runs: list[tuple[float, dict]], at_step: int)
     from rich.table import Table
 
     trl_at, trl_peak = peak_memory_mb(trl, at_step), peak_memory_mb(trl)
+    base_learner = next((learner_seconds(run, at_step)["learner"] for r, run in ratio_runs if r == 1.0), None)
     rows = [{"name": trl["name"], "what": "process peak RSS (student, teacher, optimizer, generation)",
              "steps": max(s["step"] for s in trl["steps"]), f"peak_at_step_{at_step}_mb": trl_at, "peak_mb": trl_peak}]
     for ratio, run in ratio_runs:
@@ -385,16 +403,24 @@ def memory_report(trl: dict, ratio_runs: list[tuple[float, dict]], at_step: int)
         rows.append({"name": run["name"], "what": "learner peak RSS per rank (largest rank)", "ratio": ratio,
                      "rule": "all" if ratio == 1.0 else "soft_or",
                      "steps": max(s["step"] for s in run["steps"]), f"peak_at_step_{at_step}_mb": at, "peak_mb": peak,
-                     f"peak_at_step_{at_step}_vs_trl": at / trl_at, "peak_vs_trl_peak": peak / trl_peak})
+                     f"peak_at_step_{at_step}_vs_trl": at / trl_at, "peak_vs_trl_peak": peak / trl_peak,
+                     "learner_seconds": learner_seconds(run, at_step)})
+        if base_learner:
+            rows[-1]["learner_vs_ratio_1"] = rows[-1]["learner_seconds"]["learner"] / base_learner
     table = Table(title=f"peak memory: tip_ray's learner per rank at each ratio vs {trl['name']}'s process peak "
                         f"(step {at_step} of every run; and over each whole run)")
-    for col in ("run", "ratio", "steps", f"peak @ step {at_step} MiB", "x TRL", "run peak MiB", "x TRL peak"):
+    for col in ("run", "ratio", "steps", f"peak @ step {at_step} MiB", "x TRL", "run peak MiB", "x TRL peak",
+                "learner s", "x ratio 1", "statistics", "gradient", "optimizer"):
         table.add_column(col, justify="right")
     for r in rows:
+        split = r.get("learner_seconds", {})
         table.add_row(r["name"], f"{r['ratio']:.2f} ({r['rule']})" if "ratio" in r else "-", str(r["steps"]),
                       f"{r[f'peak_at_step_{at_step}_mb']:.0f}",
                       f"{r[f'peak_at_step_{at_step}_vs_trl']:.2f}" if "ratio" in r else "1.00",
-                      f"{r['peak_mb']:.0f}", f"{r['peak_vs_trl_peak']:.2f}" if "ratio" in r else "1.00")
+                      f"{r['peak_mb']:.0f}", f"{r['peak_vs_trl_peak']:.2f}" if "ratio" in r else "1.00",
+                      f"{split['learner']:.2f}" if split else "-",
+                      f"{r['learner_vs_ratio_1']:.2f}" if "learner_vs_ratio_1" in r else "-",
+                      *(f"{split[k]:.2f}" if k in split else "-" for k in ("statistics", "gradient", "optimizer")))
     Console(width=None if sys.stdout.isatty() else 150).print(table)
     return {"at_step": at_step, "trl_baseline": trl["name"], "results": rows}
 
@@ -457,8 +483,11 @@ def main() -> int:
     if setup.pair:
         # A real pair: TRL with torch's default threads only (one thread only pays off on a tiny model),
         # tip_ray like for like (full distribution), and tip_ray at the pair's own teacher top-k.
-        tip_cases = [TipCase("all", 1.0), TipCase("soft_or", 0.5),
-                     *([TipCase("all", 1.0, top_k=base["top_k"])] if base["top_k"] is not None else [])]
+        # tip_ray like for like (full distribution), then at the pair's own teacher top-k: `all` and
+        # `soft_or` 0.5, which the ratio runs reuse.
+        own = [] if base["top_k"] is None else [TipCase("all", 1.0, top_k=base["top_k"]),
+                                                TipCase("soft_or", 0.5, top_k=base["top_k"])]
+        tip_cases = [TipCase("all", 1.0), *own]
         cases = [("trl", lambda: run_trl(setup, prompts, workdir, None)),
                  *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases)]
     else:
@@ -471,7 +500,8 @@ def main() -> int:
                  ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
                  *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases[1:])]
     # The memory ratios: a case already run reuses it; any other ratio is one short run more.
-    ratio_cases = [(r, TipCase("all", 1.0) if r == 1.0 else TipCase("soft_or", r))
+    ratio_top_k = base["top_k"] if setup.pair else None  # a pair's ratio runs use its own teacher signal
+    ratio_cases = [(r, TipCase("all", 1.0, top_k=ratio_top_k) if r == 1.0 else TipCase("soft_or", r, top_k=ratio_top_k))
                    for r in dict.fromkeys(args.ratios or [])]
     extra = [replace(c, steps=args.ratio_steps) for _, c in ratio_cases if c not in tip_cases]
     cases += [(c.name, lambda c=c: run_tip(setup, c, workdir)) for c in extra]
