@@ -338,6 +338,8 @@ class Trainer:
             "loss": m.loss, "kept_fraction": m.kept_fraction, "kept_tokens": m.kept_tokens,
             "valid_tokens": m.valid_tokens, "entropy_mean": m.entropy_mean, "entropy_kept_mean": m.entropy_kept_mean,
             "rkl_mean": m.rkl_mean, "rkl_kept_mean": m.rkl_kept_mean, "learner_peak_memory_mb": m.peak_memory_bytes / 2**20,
+            "teacher_entropy_topk_mean": float(signal.bucket_entropy()[loss_mask].double().mean())
+            if bool(loss_mask.any()) else float("nan"),
             **{f"quadrant/{k}": v for k, v in m.quadrant_shares.items()},
             "response_length": sum(lengths) / len(lengths),
             "truncated": sum(g.finish_reason == "length" for g in rollouts.generations),

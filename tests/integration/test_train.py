@@ -4,6 +4,7 @@ a 2-rank DeepSpeed learner, weight sync, JSONL and W&B (offline) tracking."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_train_runs_the_pools_and_records_every_step(tmp_path, data):
         assert r["time/rollout"] > 0 and r["time/teacher"] > 0 and r["time/learner"] > 0
         assert r["learner_peak_memory_mb"] > 0
         assert abs(sum(r[f"quadrant/Q{i}"] for i in range(1, 5)) - 1) < 1e-6
+        assert 0 <= r["teacher_entropy_topk_mean"] < math.log(128)  # the embedded vocabulary
+        phases = {k.split("/")[1]: v for k, v in r.items() if k.startswith("learner_time/")}
+        assert set(phases) == {"statistics", "selection", "gradient", "optimizer"}
+        assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= r["time/learner"]
     assert steps[-1]["weight_version"] == 2 and steps[-1]["staleness"] == 0
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
     summary = json.loads((run / "summary.json").read_text())

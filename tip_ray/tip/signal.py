@@ -37,6 +37,17 @@ class TeacherSignal:
         """True when the signal carries the teacher's whole distribution (K == V)."""
         return self.k == vocab_size
 
+    def bucket_entropy(self) -> torch.Tensor:
+        """The entropy (nats) of the teacher's top-K plus one tail bucket holding the rest of its
+        mass, [B, T] in float32 (float64 stays), on the signal's device: a lower bound of the
+        teacher's entropy (merging outcomes never raises entropy), exact when K = V. Beside the
+        student's entropy it tells whether the teacher itself is uncertain on the student's samples."""
+        logp = self.topk_logprobs.to(torch.promote_types(self.topk_logprobs.dtype, torch.float32))
+        p = logp.exp()
+        tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+        inside = -(p * logp).nan_to_num(0.0).sum(-1)  # 0 log 0 = 0
+        return inside - torch.where(tail > 0, tail * tail.clamp(min=torch.finfo(tail.dtype).tiny).log(), 0.0)
+
     @classmethod
     def from_logits(
         cls,
