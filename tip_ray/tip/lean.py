@@ -10,10 +10,13 @@ never holds them with gradient:
 2. selection picks the kept tokens (over the global batch, if the caller gathers statistics);
 3. ``kept_token_loss``: the lm_head and the loss run on the kept hidden states alone, one chunk
    at a time; each chunk's gradient with respect to its logits is turned into gradients of the
-   hidden states and the lm_head at once, so no chunk's logits outlive the chunk.
+   hidden states and the lm_head at once, so no chunk's logits outlive the chunk. With a top-K
+   signal that gradient is derived from the loss on the K + 2 bucket masses and written over the
+   chunk's logits, so the chunk holds one [chunk_rows, V] float32 tensor.
 
 Working memory is O(chunk_rows * vocab_chunk) for the statistics and O(chunk_rows * V) for the
-kept-token loss, whatever the number of tokens, plus the lm_head's gradient. The loss's chunks
+kept-token loss (one such tensor with a top-K signal, several in full mode), whatever the number
+of tokens, plus the lm_head's gradient. The loss's chunks
 hold min(chunk_rows, kept rows) rows, so its peak, which sets the whole path's, falls with the
 retention ratio once fewer than ``chunk_rows`` rows are kept.
 
@@ -338,12 +341,72 @@ def _aligned_from_parts(
     return aligned_distributions(compact, compact_sampled, compact_topk, topk_logprobs, sampled_logprobs, False)
 
 
+def _autograd_chunk_grad(
+    logits: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor, weights: torch.Tensor, kind: str, beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i loss_i, its gradient with respect to ``logits`` [N, V]) by autograd through the
+    loss over the whole vocabulary: several [N, V] temporaries. Used where the bucketed form does
+    not apply (full mode)."""
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_(True)
+        per_token = token_losses_for_rows(logits, response_ids, topk_ids, topk_logprobs, sampled_logprobs,
+                                          kind, beta)
+        chunk_loss = (per_token * weights.to(per_token.dtype)).sum()
+        (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
+    return chunk_loss.detach(), grad_logits
+
+
+def _bucketed_chunk_grad(
+    logits: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor, weights: torch.Tensor, kind: str, beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i w_i loss_i, its gradient with respect to ``logits`` [N, V]) for a top-K signal, in
+    the storage of ``logits`` (overwritten; float32 or float64), with no other [N, V] tensor.
+
+    A top-K loss reads the student only through the log-mass of its buckets (each teacher id, the
+    sampled id, the tail holding every other id): x_b = log sum_{j in b} exp(l_j). The loss is
+    computed by autograd on those [N, K + 2] bucket values (the same ``token_losses_for_rows``,
+    as ``_aligned_from_parts`` does for the statistics), and its gradient g_b is carried back to
+    the logits by dx_b/dl_j = exp(l_j - x_b) for j in b: g_b itself for a single-id bucket, and
+    g_tail exp(l_j - x_tail) for each tail id. The tail's terms are formed in place.
+    """
+    n, k = topk_ids.shape
+    t_ids, ids = topk_ids.long(), response_ids.long().unsqueeze(-1)
+    read = logits.gather(-1, torch.cat([t_ids, ids], dim=-1))
+    # The support ids leave the tail: exp(-inf) = 0 below, so they hold no tail term.
+    logits.scatter_(-1, t_ids, float("-inf")).scatter_(-1, ids, float("-inf"))
+    tail_max = logits.amax(-1, keepdim=True)
+    tail_terms = logits.sub_(tail_max).exp_()  # exp(l_j - tail_max) for tail ids, 0 on the support
+    tail_sum = tail_terms.sum(-1)
+    is_new = ~(t_ids == ids).any(-1)
+    hits = (t_ids == ids).int().argmax(-1)
+    neg_inf = read.new_full((), float("-inf"))
+    buckets = torch.cat([read[:, :k], torch.where(is_new, read[:, k], neg_inf).unsqueeze(-1),
+                         (tail_max.squeeze(-1) + tail_sum.log()).unsqueeze(-1)], dim=-1)
+    with torch.enable_grad():
+        buckets = buckets.detach().requires_grad_(True)
+        per_token = token_losses_for_rows(
+            buckets, torch.where(is_new, k, hits), torch.arange(k, device=t_ids.device).expand(n, k),
+            topk_logprobs, sampled_logprobs, kind, beta,
+        )
+        chunk_loss = (per_token * weights.to(per_token.dtype)).sum()
+        (grad_buckets,) = torch.autograd.grad(chunk_loss, buckets)
+    grad_logits = tail_terms.mul_((grad_buckets[:, k + 1] / tail_sum).unsqueeze(-1))
+    # scatter_add: a teacher id listed twice receives both slots' gradients, as under autograd.
+    grad_logits.scatter_add_(-1, t_ids, grad_buckets[:, :k])
+    grad_logits.scatter_add_(-1, ids, torch.where(is_new, grad_buckets[:, k], 0.0).unsqueeze(-1))
+    return chunk_loss.detach(), grad_logits
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """sum_i w_i * loss_i over rows, with the gradient computed chunk by chunk in forward.
 
     Each chunk's logits are made in the head's dtype (as the model's own lm_head would) and
     differentiated in float32; the lm_head/bias gradient sums over chunks in float32 (float64
-    stays), the hidden-state gradient is written once per row in the hidden states' dtype.
+    stays), the hidden-state gradient is written once per row in the hidden states' dtype. With a
+    top-K signal the chunk's gradient with respect to its logits is formed in the logits' own
+    storage (``_bucketed_chunk_grad``): one float32 [chunk_rows, V] tensor per chunk.
     """
 
     @staticmethod
@@ -355,25 +418,26 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (bias is not None and need_b) else None
         total = torch.zeros((), dtype=work_dtype(hidden.dtype), device=hidden.device)
+        # The bucketed gradient needs at least one id outside the support (K teacher ids + the
+        # sampled one); full mode and vocabularies that small take the autograd path.
+        bucketed = topk_ids.shape[-1] + 1 < weight.shape[0]
+        chunk_grad = _bucketed_chunk_grad if bucketed else _autograd_chunk_grad
         for i in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[i : i + chunk_rows]
-            with torch.enable_grad():
-                logits = F.linear(h, weight, bias).to(acc).detach().requires_grad_(True)
-                per_token = token_losses_for_rows(
-                    logits, response_ids[i : i + chunk_rows], topk_ids[i : i + chunk_rows],
-                    topk_logprobs[i : i + chunk_rows], sampled_logprobs[i : i + chunk_rows], kind, beta,
-                )
-                chunk_loss = (per_token * token_weights_[i : i + chunk_rows].to(per_token.dtype)).sum()
-                (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-            total += chunk_loss.detach().to(total.dtype)
+            rows = slice(i, i + chunk_rows)
+            h = hidden[rows]
+            chunk_loss, grad_logits = chunk_grad(
+                F.linear(h, weight, bias).to(acc), response_ids[rows], topk_ids[rows], topk_logprobs[rows],
+                sampled_logprobs[rows], token_weights_[rows], kind, beta,
+            )
+            total += chunk_loss.to(total.dtype)
             if grad_hidden is not None:
-                grad_hidden[i : i + chunk_rows] = grad_logits.to(weight.dtype) @ weight
+                grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
                 # Only the chunk is upcast: [V, c] x [c, H] straight into the float32 sum.
                 grad_weight.addmm_(grad_logits.t(), h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-            del logits, per_token, grad_logits
+            del grad_logits
         ctx.save_for_backward(
             *(t if t is not None else torch.empty(0) for t in (grad_hidden, grad_weight, grad_bias))
         )
