@@ -64,9 +64,9 @@ def case_rollout(args: argparse.Namespace, threads: int, logprobs: bool) -> dict
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     torch.set_num_threads(threads)
-    from tip_ray.checkpoints import load_tokenizer
     from tip_ray.data.prompts import PromptStream, load_prompt_dataset
     from tip_ray.rollout.worker import RolloutWorker
+    from tip_ray.state.preflight import load_tokenizer
 
     cfg = compose_config(args)
     tokenizer = load_tokenizer(cfg.student, "student")

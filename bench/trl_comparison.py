@@ -163,9 +163,9 @@ def tip_overrides(setup: Setup, rule: str, ratio: float, output_dir: Path, mode:
 
 def write_prompts(setup: Setup, path: Path) -> int:
     """Write the prompts tip_ray's stream visits first (text with special tokens, and ids), in order."""
-    from tip_ray.checkpoints import load_tokenizer
     from tip_ray.cli import compose
     from tip_ray.data.prompts import PromptStream, load_prompt_dataset
+    from tip_ray.state.preflight import load_tokenizer
 
     cfg = compose("train", tip_overrides(setup, "all", 1.0, RESULTS / "unused"))
     tokenizer = load_tokenizer(cfg.student, "student")

@@ -2,7 +2,7 @@
 
 For each random Qwen3 model (built from a config, 0.4M to ~100M parameters, fp32) the script
 starts a learner group (``--learner-ranks`` ranks, ZeRO-2) and ``--rollout-actors`` vLLM rollout
-actors on a local Ray cluster, forms the collective group once (``tip_ray.sync``), then runs
+actors on a local Ray cluster, forms the collective group once (``tip_ray.sync.transports``), then runs
 ``--repeats`` syncs through each transport, alternating, after one warm-up sync each, and keeps
 the median. Every sync is real: the actors reload the weights and serve the new version.
 
@@ -69,8 +69,10 @@ def measure_size(name: str, size: Size, tmp: Path, args) -> dict:
     import ray
 
     from tip_ray.config import LearnerConfig, LossConfig, RolloutConfig, SelectionConfig, SyncConfig
-    from tip_ray.groups import LearnerGroup, PoolResources, RolloutActor
-    from tip_ray.sync import ObjectStoreTransport, make_transport, sync_weights
+    from tip_ray.runtime.actors import RolloutActor
+    from tip_ray.runtime.learner_group import LearnerGroup
+    from tip_ray.runtime.placement import PoolResources
+    from tip_ray.sync.transports import ObjectStoreTransport, make_transport, sync_weights
 
     path, params, model_bytes = build_checkpoint(size, tmp / name)
     # The CPU build's KV cache is sized from these lengths (tip_ray.rollout.vllm_args), not from the machine.

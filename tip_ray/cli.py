@@ -113,9 +113,9 @@ def _print_job(cfg) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """Evaluate a checkpoint on a held-out prompt set (Hydra overrides as arguments)."""
-    from tip_ray.checkpoints import CheckpointError
     from tip_ray.data.prompts import DataError
     from tip_ray.eval.run import run_eval
+    from tip_ray.state.preflight import CheckpointError
 
     cfg = compose("eval", args.overrides)
     if args.cfg:
@@ -134,9 +134,9 @@ def _train(args: argparse.Namespace) -> int:
         return _print_job(cfg)
     import ray
 
-    from tip_ray.checkpoints import CheckpointError
     from tip_ray.data.prompts import DataError
-    from tip_ray.groups import ResourceError
+    from tip_ray.runtime.placement import ResourceError
+    from tip_ray.state.preflight import CheckpointError
     from tip_ray.trainer import Trainer
 
     try:
@@ -208,9 +208,9 @@ def _print_summary(summary) -> None:
 
 def _rocks(args: argparse.Namespace) -> int:
     """Sample student rollouts on the training prompts and write the rock set of ``rock_freeze``."""
-    from tip_ray.checkpoints import CheckpointError, load_tokenizer
     from tip_ray.data.prompts import DataError
-    from tip_ray.rocks_command import build_rocks, describe
+    from tip_ray.experiments.rocks import build_rocks, describe
+    from tip_ray.state.preflight import CheckpointError, load_tokenizer
 
     cfg = compose("train", args.overrides)
     try:
@@ -224,7 +224,7 @@ def _rocks(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     """Run the selection-rule sweep: one ``tip-ray train`` per arm and seed, resumable."""
-    from tip_ray.sweep import arms_by_name, plan, run_sweep, train_command
+    from tip_ray.experiments.sweep import arms_by_name, plan, run_sweep, train_command
 
     try:
         arms = arms_by_name(args.arms.split(",") if args.arms else None)
@@ -244,7 +244,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     """Write the sweep's results page (markdown table and figures)."""
-    from tip_ray.report import run
+    from tip_ray.experiments.report import run
 
     return run(args)
 
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("overrides", nargs="*", help="overrides for every run, e.g. trainer.steps=100 logger.wandb=false")
     sw.set_defaults(run=_sweep)
     rp = commands.add_parser("report", help="write docs/results.md and its figures from a sweep's runs")
-    from tip_ray.report import add_arguments
+    from tip_ray.experiments.report import add_arguments
 
     add_arguments(rp)
     rp.set_defaults(run=_report)

@@ -4,7 +4,7 @@ Each class is usable as a Hydra structured config: fields are str/int/float/bool
 those, or lists/dicts of those, and every field but the mandatory ones has a default.
 ``__post_init__`` checks values and raises ``ValueError`` naming the field and what is allowed; it
 never rewrites a setting. Fields declared with ``identity(...)`` define what a training run is: a
-run resumed from its checkpoint must keep their values (``tip_ray.resume``). Importing this module
+run resumed from its checkpoint must keep their values (``tip_ray.state.resume``). Importing this module
 imports nothing heavy.
 """
 
@@ -19,7 +19,7 @@ _IDENTITY = "identity"
 
 def identity(default: Any = MISSING, *, default_factory: Any = MISSING) -> Any:
     """A config field that is part of a training run's identity: a run resumed from its checkpoint
-    must have the value the checkpoint was written with (``tip_ray.resume.IDENTITY_KEYS``).
+    must have the value the checkpoint was written with (``tip_ray.state.resume.IDENTITY_KEYS``).
 
     Used like ``field``: ``lr: float = identity(1e-6)``; without arguments for a mandatory field.
     On a field that holds a config dataclass it admits that class's identity fields, under the
@@ -698,7 +698,7 @@ SYNC_BACKENDS = ("auto", "nccl", "gloo")
 
 @dataclass
 class SyncConfig:
-    """How weights travel from the learner to the rollout engines (``tip_ray.sync``).
+    """How weights travel from the learner to the rollout engines (``tip_ray.sync.transports``).
 
     ``transport`` ``object_store`` (the full weights through Ray's object store) or
     ``collective`` (bucketed broadcasts over a process group of learner rank 0 and every vLLM
@@ -772,7 +772,7 @@ class TrainConfig:
     @property
     def sync_uses_nccl(self) -> bool:
         """Whether the weight sync runs over NCCL: the collective transport with ``sync.backend``
-        nccl, or auto with a learner on GPU (``tip_ray.sync_group.resolve_backend``)."""
+        nccl, or auto with a learner on GPU (``tip_ray.sync.process_group.resolve_backend``)."""
         on_gpu = self.cluster.learner.gpus > 0
         return self.sync.transport == "collective" and (
             self.sync.backend == "nccl" or (self.sync.backend == "auto" and on_gpu))

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tip_ray.checkpoint_store import step_name
 from tip_ray.config import TrainConfig
+from tip_ray.state.checkpoint_store import step_name
 
 if TYPE_CHECKING:
     from tip_ray.eval.held_out import HeldOutEval
@@ -113,13 +113,14 @@ class Trainer:
         import ray
         from omegaconf import OmegaConf
 
-        from tip_ray.checkpoint_store import CheckpointStore
-        from tip_ray.checkpoints import check_same_vocabulary, load_tokenizer, require_checkpoint
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
-        from tip_ray.groups import LearnerGroup, PoolResources, check_fits
-        from tip_ray.pools import RolloutPool, TeacherPool
-        from tip_ray.resume import find_resume_point
         from tip_ray.rollout.vllm_args import with_engine_sizes
+        from tip_ray.runtime.learner_group import LearnerGroup
+        from tip_ray.runtime.placement import PoolResources, check_fits
+        from tip_ray.runtime.pools import RolloutPool, TeacherPool
+        from tip_ray.state.checkpoint_store import CheckpointStore
+        from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
+        from tip_ray.state.resume import find_resume_point
         from tip_ray.tracking import Tracker
 
         cfg = with_engine_sizes(cfg)  # null engine sizes become the step's sequences per actor
@@ -180,7 +181,7 @@ class Trainer:
         self.eval_before: dict[str, float] = {}
         self.teacher_accuracy: float | None = None
         self._stop_signal: int | None = None
-        from tip_ray.sync import make_transport
+        from tip_ray.sync.transports import make_transport
 
         self.sync = make_transport(cfg.sync, self.learner, self.rollout_pool.live_actors)  # before a resume's sync
         if point is not None:
@@ -195,7 +196,7 @@ class Trainer:
         Each prompt samples with a seed from its place in the prompt stream, so a resumed run
         draws the same samples as an uninterrupted one, whatever the number of rollout actors.
         """
-        from tip_ray.pools import sample_seeds
+        from tip_ray.runtime.pools import sample_seeds
 
         batch = next(self.stream)
         seeds = sample_seeds(self.cfg.rollout.seed, batch.epoch, batch.start, len(batch))
@@ -270,7 +271,7 @@ class Trainer:
         return [self.eval_data[i].prompt_ids for i in range(len(self.eval_data))]
 
     def _eval_sampling(self):
-        from tip_ray.rollout.hf import SamplingSettings
+        from tip_ray.types import SamplingSettings
 
         return SamplingSettings(max_new_tokens=self.cfg.trainer.eval_max_new_tokens, temperature=0.0)
 
@@ -357,7 +358,7 @@ class Trainer:
 
     def _sync(self) -> float:
         """Serve the learner's current weights to the rollout pool as the next version; seconds taken."""
-        from tip_ray.sync import make_transport, sync_weights
+        from tip_ray.sync.transports import make_transport, sync_weights
 
         self.version += 1
         self.learner_steps_at_version[self.version] = self.updates
@@ -432,7 +433,7 @@ class Trainer:
     def _recover(self, failure: Exception) -> int:
         """After a dead learner rank or poisoned weights: rebuild the learner group from the newest
         checkpoint and return its step, or stop with the command that resumes the run."""
-        from tip_ray.groups import LearnerGroup
+        from tip_ray.runtime.learner_group import LearnerGroup
 
         point = self.store.latest()
         resume = f"tip-ray train {shlex.join(sys.argv[2:])}".strip()

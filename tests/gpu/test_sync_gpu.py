@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from tip_ray.sync_buckets import TensorMeta, pack, plan_buckets, unpack
-from tip_ray.sync_group import WeightGroup, WeightGroupError, host_store
+from tip_ray.sync.buckets import TensorMeta, pack, plan_buckets, unpack
+from tip_ray.sync.process_group import WeightGroup, WeightGroupError, host_store
 
 MB = 2**20
 # 12 bf16 tensors of 2-8 MB, in buckets of 10 MB: several buckets, some holding one tensor.

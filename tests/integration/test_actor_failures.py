@@ -49,8 +49,8 @@ class Squarer:
 
 def squarer_pool(tmp_path: Path, faults: FaultConfig, events: list[str], actors: int = 2, hang: tuple[int, ...] = (),
                  forever: bool = False):
-    from tip_ray.groups import PoolResources
-    from tip_ray.pools import ActorPool
+    from tip_ray.runtime.placement import PoolResources
+    from tip_ray.runtime.pools import ActorPool
 
     return ActorPool(PoolResources("squarer", actors, cpus=0.5), Squarer, lambda i: (i, str(tmp_path), hang, forever),
                      faults, events.append)
@@ -87,7 +87,7 @@ def test_a_hung_actor_is_killed_restarted_and_its_shard_retried(cluster, tmp_pat
 
 
 def test_an_actor_that_keeps_hanging_stops_the_call_naming_pool_actor_and_cause(cluster, tmp_path):
-    from tip_ray.pools import PoolError
+    from tip_ray.runtime.pools import PoolError
 
     events: list[str] = []
     pool = squarer_pool(tmp_path, FaultConfig(actor_timeout_s=2.0, max_step_retries=1), events, actors=1, hang=(0,),
@@ -127,8 +127,8 @@ class Unbuildable:
 
 
 def test_an_actor_that_cannot_be_built_fails_the_call_with_its_error_at_once(cluster):
-    from tip_ray.groups import PoolResources
-    from tip_ray.pools import ActorPool
+    from tip_ray.runtime.placement import PoolResources
+    from tip_ray.runtime.pools import ActorPool
 
     events: list[str] = []
     pool = ActorPool(PoolResources("unbuildable", 1, cpus=0.5), Unbuildable, lambda i: (i,), FaultConfig(),
@@ -152,7 +152,7 @@ def data(tmp_path_factory):
 
 def test_training_survives_a_killed_rollout_actor_and_a_killed_teacher_actor(cluster, tmp_path, data):
     from tip_ray.cli import compose
-    from tip_ray.pools import sample_seeds
+    from tip_ray.runtime.pools import sample_seeds
     from tip_ray.trainer import Trainer
 
     ray = cluster

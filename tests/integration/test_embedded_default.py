@@ -28,7 +28,7 @@ def test_teacher_is_accurate_and_student_clearly_weaker(assets):
 def test_checkpoints_are_safetensors_and_share_the_tokenizer(assets):
     from transformers import AutoTokenizer
 
-    from tip_ray.checkpoints import check_same_vocabulary
+    from tip_ray.state.preflight import check_same_vocabulary
 
     for role in ("teacher", "student"):
         files = {p.name for p in (assets.root / role).iterdir()}

@@ -147,7 +147,7 @@ def test_pools_pinned_to_their_nodes_train_two_steps(cluster, data, tmp_path):
 def test_a_pool_pinned_to_a_resource_no_node_has_fails_before_any_actor_starts(cluster, data, tmp_path):
     import ray
 
-    from tip_ray.groups import ResourceError
+    from tip_ray.runtime.placement import ResourceError
     from tip_ray.trainer import Trainer
 
     sim, _ = cluster

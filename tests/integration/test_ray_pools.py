@@ -28,7 +28,7 @@ def checkpoints(tmp_path_factory):
 
 
 def test_resources_that_do_not_fit_fail_before_any_actor_starts(cluster):
-    from tip_ray.groups import PoolResources, ResourceError, check_fits
+    from tip_ray.runtime.placement import PoolResources, ResourceError, check_fits
 
     with pytest.raises(ResourceError, match="learner: 64 x"):
         check_fits([PoolResources("learner", 64, cpus=1)], cluster.cluster_resources())
@@ -37,8 +37,10 @@ def test_resources_that_do_not_fit_fail_before_any_actor_starts(cluster):
 def test_one_step_and_a_sync_reach_the_rollout_engine(cluster, checkpoints):
     from transformers import AutoModelForCausalLM
 
-    from tip_ray.groups import LearnerGroup, PoolResources, RolloutActor, TeacherActor, on_bundle, reserve
-    from tip_ray.sync import sync_weights
+    from tip_ray.runtime.actors import RolloutActor, TeacherActor
+    from tip_ray.runtime.learner_group import LearnerGroup
+    from tip_ray.runtime.placement import PoolResources, on_bundle, reserve
+    from tip_ray.sync.transports import sync_weights
     from tip_ray.types import TrainBatch
 
     ray = cluster

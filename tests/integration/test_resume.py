@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tip_ray.checkpoint_store import step_name
 from tip_ray.data.tasks import make_splits, write_jsonl
+from tip_ray.state.checkpoint_store import step_name
 
 pytestmark = pytest.mark.slow
 ASSETS = Path(__file__).resolve().parents[2] / "tip_ray" / "embedded" / "assets"

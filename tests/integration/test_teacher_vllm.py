@@ -46,7 +46,7 @@ def padded_batch(lengths: list[int], vocab: int = 128, seed: int = 0) -> tuple[t
 def test_vllm_signal_equals_the_hf_signal(cluster, teacher_checkpoint):
     from transformers import AutoModelForCausalLM
 
-    from tip_ray.groups import TeacherActor
+    from tip_ray.runtime.actors import TeacherActor
 
     k = 16
     common = dict(model=teacher_checkpoint, top_k=k, values_dtype="fp32", dtype="float32")

@@ -14,9 +14,9 @@ import torch
 from tiny import save_tiny_model
 
 from tip_ray.config import RolloutConfig, TeacherConfig
-from tip_ray.rollout.hf import SamplingSettings
 from tip_ray.rollout.worker import RolloutWorker
 from tip_ray.teacher.worker import TeacherWorker
+from tip_ray.types import SamplingSettings
 
 pytestmark = pytest.mark.slow
 

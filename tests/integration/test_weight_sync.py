@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rollout_actors(cluster, checkpoints):
-    from tip_ray.groups import RolloutActor
+    from tip_ray.runtime.actors import RolloutActor
 
     cfg = RolloutConfig(engine="vllm", n=2, max_new_tokens=8, max_model_len=64, dtype="float32", logprobs=True,
                         gpu_memory_utilization=0.05)
@@ -53,8 +53,9 @@ def assert_actors_sample_from(ray, actors, model, version: int) -> None:
 def test_collective_sync_serves_the_learners_weights(zero_stage, cluster, checkpoints, rollout_actors):
     from transformers import AutoModelForCausalLM
 
-    from tip_ray.groups import LearnerGroup, PoolResources
-    from tip_ray.sync import make_transport, sync_weights
+    from tip_ray.runtime.learner_group import LearnerGroup
+    from tip_ray.runtime.placement import PoolResources
+    from tip_ray.sync.transports import make_transport, sync_weights
     from tip_ray.teacher.worker import TeacherWorker
     from tip_ray.types import TrainBatch
 
@@ -111,8 +112,9 @@ def test_a_rollout_actor_dying_breaks_the_sync_and_the_next_sync_forms_a_new_gro
     """Runs last: it kills one of the module's rollout actors."""
     from transformers import AutoModelForCausalLM
 
-    from tip_ray.groups import LearnerGroup, PoolResources
-    from tip_ray.sync import make_transport, sync_weights
+    from tip_ray.runtime.learner_group import LearnerGroup
+    from tip_ray.runtime.placement import PoolResources
+    from tip_ray.sync.transports import make_transport, sync_weights
 
     ray, actors = cluster, rollout_actors
     learner = LearnerGroup(PoolResources("learner", 1, cpus=1),

@@ -1,5 +1,5 @@
 """Atomic checkpoints: complete ones are found, interrupted or damaged ones never are; a run
-resumes from one only with the identity (``tip_ray.resume.IDENTITY_KEYS``) it was written with."""
+resumes from one only with the identity (``tip_ray.state.resume.IDENTITY_KEYS``) it was written with."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from tip_ray.checkpoint_store import CheckpointStore, step_name
 from tip_ray.cli import compose
 from tip_ray.config import identity
-from tip_ray.resume import (
+from tip_ray.state.checkpoint_store import CheckpointStore, step_name
+from tip_ray.state.resume import (
     IDENTITY_KEYS,
     ResumeError,
     config_differences,

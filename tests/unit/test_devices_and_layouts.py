@@ -10,7 +10,7 @@ import torch
 
 from tip_ray.cli import compose
 from tip_ray.devices import compute_device, hide_unassigned_gpus, local_gpu_index, to_device, visible_index
-from tip_ray.groups import ResourceError, check_distinct_gpus
+from tip_ray.runtime.placement import ResourceError, check_distinct_gpus
 
 # ---------------------------------------------------------------------------------------------
 # The device an actor uses.

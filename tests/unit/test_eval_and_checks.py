@@ -8,14 +8,18 @@ import sys
 
 import pytest
 
-from tip_ray.checkpoints import CheckpointError, check_model_fits_tokenizer, check_same_vocabulary, require_checkpoint
 from tip_ray.config import DataConfig, EvalConfig
 from tip_ray.data.prompts import load_prompt_dataset
 from tip_ray.data.tasks import make_splits, write_jsonl
 from tip_ray.data.tokenizer import build_char_tokenizer
 from tip_ray.eval.evaluator import evaluate, write_samples
-from tip_ray.rollout.hf import SamplingSettings
-from tip_ray.types import Generation
+from tip_ray.state.preflight import (
+    CheckpointError,
+    check_model_fits_tokenizer,
+    check_same_vocabulary,
+    require_checkpoint,
+)
+from tip_ray.types import Generation, SamplingSettings
 
 
 class ScriptedEngine:

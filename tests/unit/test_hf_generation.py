@@ -9,7 +9,8 @@ from tip_ray.data.tasks import Problem
 from tip_ray.data.tokenizer import build_char_tokenizer
 from tip_ray.embedded.models import ModelShape, build_model
 from tip_ray.embedded.sft import IGNORE, collate, encode
-from tip_ray.rollout.hf import HFGenerator, SamplingSettings
+from tip_ray.rollout.hf import HFGenerator
+from tip_ray.types import SamplingSettings
 
 TINY = ModelShape(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                   intermediate_size=128)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tip_ray.groups import PoolResources, ResourceError, check_fits
+from tip_ray.runtime.placement import PoolResources, ResourceError, check_fits
 
 
 def test_pools_that_fit():

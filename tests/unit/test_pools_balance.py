@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tip_ray.pools import balance, join_rollouts, join_signals, sample_seeds, sequence_lengths, take_rows
+from tip_ray.runtime.pools import balance, join_rollouts, join_signals, sample_seeds, sequence_lengths, take_rows
 from tip_ray.types import Generation, RolloutBatch
 
 

@@ -157,7 +157,7 @@ def test_the_presets_are_there():
 
 
 def _pools(cfg: TrainConfig):
-    from tip_ray.groups import PoolResources
+    from tip_ray.runtime.placement import PoolResources
 
     c = cfg.cluster
     return [PoolResources.of("rollout", cfg.rollout.num_workers, c.rollout),
@@ -168,7 +168,7 @@ def _pools(cfg: TrainConfig):
 @pytest.mark.parametrize("layout", [None, *LAYOUTS])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_preset_composes_on_every_layout(experiment, layout):
-    from tip_ray.groups import check_fits
+    from tip_ray.runtime.placement import check_fits
 
     cfg = compose("train", [f"experiment={experiment}", *([f"cluster={layout}"] if layout else [])])
     assert isinstance(cfg, TrainConfig)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tip_ray.report import (
+from tip_ray.experiments.report import (
     ReportError,
     check_claims,
     collect_runs,
@@ -152,7 +152,7 @@ def test_unreadable_runs_are_named(tmp_path):
 
 
 def test_the_curve_table_has_the_mean_accuracy_at_every_evaluated_step(sweep):
-    from tip_ray.report import curve_table
+    from tip_ray.experiments.report import curve_table
 
     rows = curve_table(summarize(collect_runs(sweep))).splitlines()
     assert rows[0] == "| arm | step 0 | step 1 | step 2 |"
@@ -161,7 +161,7 @@ def test_the_curve_table_has_the_mean_accuracy_at_every_evaluated_step(sweep):
 
 
 def test_the_end_state_averages_the_last_tenth_of_the_steps_then_the_seeds(sweep):
-    from tip_ray.report import end_state_table
+    from tip_ray.experiments.report import end_state_table
 
     for seed, rkl in enumerate([0.5, 0.7]):
         path = sweep / "soft_or_50" / f"seed{seed}" / "metrics.jsonl"
@@ -180,7 +180,7 @@ def test_the_end_state_averages_the_last_tenth_of_the_steps_then_the_seeds(sweep
 
 
 def test_an_arm_that_ends_below_its_start_gets_a_note_with_its_end_state(sweep):
-    from tip_ray.report import collapse_notes
+    from tip_ray.experiments.report import collapse_notes
 
     path = sweep / "random_50" / "seed0" / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -243,7 +243,7 @@ def test_a_run_without_accuracy_but_with_held_out_kl_is_read(kl_sweep):
 
 
 def test_kl_gap_closed_and_final_agreement_per_arm(kl_sweep):
-    from tip_ray.report import choose_metric
+    from tip_ray.experiments.report import choose_metric
 
     summaries = summarize(collect_runs(kl_sweep))
     arms = {s.arm: s.scores for s in summaries}
@@ -262,7 +262,7 @@ def test_kl_gap_closed_and_final_agreement_per_arm(kl_sweep):
 
 
 def test_the_kl_tables_carry_the_numbers(kl_sweep):
-    from tip_ray.report import curve_table
+    from tip_ray.experiments.report import curve_table
 
     summaries = summarize(collect_runs(kl_sweep))
     table = results_table(summaries).splitlines()
@@ -322,7 +322,7 @@ def test_a_kl_report_names_its_figures_after_the_page_and_lists_its_commands(tmp
 
 
 def test_the_report_command_takes_the_metric(kl_sweep, tmp_path, capsys):
-    from tip_ray.report import main
+    from tip_ray.experiments.report import main
 
     out = tmp_path / "docs" / "results_kl.md"
     assert main(["--root", str(kl_sweep), "--out", str(out), "--metric", "rkl"]) == 0

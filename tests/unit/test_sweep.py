@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tip_ray.checkpoint_store import CheckpointStore
 from tip_ray.cli import compose
-from tip_ray.sweep import (
+from tip_ray.experiments.sweep import (
     CHECKPOINTS,
     DEFAULT_ARMS,
     SEED_KEYS,
@@ -22,6 +21,7 @@ from tip_ray.sweep import (
     set_aside,
     train_command,
 )
+from tip_ray.state.checkpoint_store import CheckpointStore
 
 
 def test_the_default_arms_are_the_issue_list():

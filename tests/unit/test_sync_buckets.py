@@ -7,8 +7,8 @@ import multiprocessing
 import pytest
 import torch
 
-from tip_ray.sync_buckets import ALIGN, TensorMeta, dtype_name, pack, plan_buckets, unpack
-from tip_ray.sync_group import WeightGroup, host_store, resolve_backend
+from tip_ray.sync.buckets import ALIGN, TensorMeta, dtype_name, pack, plan_buckets, unpack
+from tip_ray.sync.process_group import WeightGroup, host_store, resolve_backend
 
 METAS = [
     TensorMeta("embed.weight", (16, 8), "float32"),      # 512 bytes

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from tip_ray.sync_buckets import TensorMeta, plan_buckets
-from tip_ray.sync_group import WeightGroup, WeightGroupError, host_store
+from tip_ray.sync.buckets import TensorMeta, plan_buckets
+from tip_ray.sync.process_group import WeightGroup, WeightGroupError, host_store
 
 # Twelve tensors of mixed sizes and dtypes: six buckets or more at 1.5 KB per bucket.
 METAS = [TensorMeta(f"layer.{i}.weight", (8 + 16 * (i % 4), 8), ("float32", "bfloat16", "float16")[i % 3])

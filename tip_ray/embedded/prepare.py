@@ -55,7 +55,8 @@ class DemoAssets:
 def greedy_accuracy(model, tokenizer, problems) -> float:
     """Fraction of ``problems`` solved by greedy decoding, graded on the answer line."""
     from tip_ray.data.grading import grade_exact
-    from tip_ray.rollout.hf import HFGenerator, SamplingSettings
+    from tip_ray.rollout.hf import HFGenerator
+    from tip_ray.types import SamplingSettings
 
     prompts = [
         tokenizer(

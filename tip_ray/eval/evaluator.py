@@ -15,8 +15,7 @@ from typing import Protocol
 
 from tip_ray.data.grading import accuracy_with_ci, get_grader, pass_at_k
 from tip_ray.data.prompts import PromptDataset
-from tip_ray.rollout.hf import SamplingSettings
-from tip_ray.types import Generation
+from tip_ray.types import Generation, SamplingSettings
 
 
 class Engine(Protocol):

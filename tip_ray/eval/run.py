@@ -19,10 +19,11 @@ def run_eval(cfg: EvalConfig) -> list[EvalReport]:
     """
     from transformers import AutoModelForCausalLM
 
-    from tip_ray.checkpoints import check_model_fits_tokenizer, load_tokenizer, require_checkpoint
     from tip_ray.data.prompts import load_prompt_dataset
     from tip_ray.devices import compute_device
-    from tip_ray.rollout.hf import HFGenerator, SamplingSettings
+    from tip_ray.rollout.hf import HFGenerator
+    from tip_ray.state.preflight import check_model_fits_tokenizer, load_tokenizer, require_checkpoint
+    from tip_ray.types import SamplingSettings
 
     model_path = require_checkpoint(cfg.model, "model")
     tokenizer_path = require_checkpoint(cfg.tokenizer, "tokenizer") if cfg.tokenizer else model_path

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.devices import to_device
 from tip_ray.learner import collectives
-from tip_ray.sync_buckets import Bucket, TensorMeta, dtype_name
+from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
 from tip_ray.tip.lean import kept_token_loss, token_stats_from_hidden
 from tip_ray.tip.select import quadrants, select_flat
 from tip_ray.tip.stats import STAT_NAMES, TokenStats
@@ -497,7 +497,7 @@ class LearnerWorker:
                     out[name] = param.detach().cpu().clone()
         return out
 
-    # Collective weight sync (tip_ray.sync): rank 0 sends, every rank joins the ZeRO-3 gathers.
+    # Collective weight sync (tip_ray.sync.transports): rank 0 sends, every rank joins the ZeRO-3 gathers.
 
     def weight_metadata(self) -> list[TensorMeta]:
         """Name (Hugging Face), full shape and dtype of every parameter, in the order
@@ -508,7 +508,7 @@ class LearnerWorker:
     def host_weight_group(self, host: str, backend: str, timeout_s: float) -> tuple[int, str]:
         """Rank 0: host the weight group's store at ``host``; returns (port, backend), ``auto``
         resolved to ``nccl`` or ``gloo`` by whether this rank has CUDA."""
-        from tip_ray.sync_group import host_store, resolve_backend
+        from tip_ray.sync.process_group import host_store, resolve_backend
 
         if dist.get_rank() != 0:
             raise RuntimeError(f"learner rank 0 hosts the weight group, not rank {dist.get_rank()}")
@@ -520,7 +520,7 @@ class LearnerWorker:
     def join_weight_group(self, plan: tuple[Bucket, ...], world_size: int, backend: str, timeout_s: float) -> None:
         """Every rank keeps the bucket ``plan``; rank 0 joins the weight group hosted by
         ``host_weight_group`` as its sender (blocks until all ``world_size`` members joined)."""
-        from tip_ray.sync_group import WeightGroup
+        from tip_ray.sync.process_group import WeightGroup
 
         self._weight_plan = tuple(plan)
         if dist.get_rank() == 0:

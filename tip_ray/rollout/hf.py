@@ -6,35 +6,10 @@ one, and carries the log-prob of every sampled token under the sampling distribu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from tip_ray.devices import to_device
-from tip_ray.types import Generation
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How to sample: ``temperature`` 0 is greedy; ``n`` samples per prompt; ``logprobs``: also
-    return each sampled token's log-prob (else ``Generation.logprobs`` is empty)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    seed: int | None = None
-    logprobs: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+from tip_ray.types import Generation, SamplingSettings
 
 
 class HFGenerator:

@@ -11,9 +11,8 @@ import os
 import torch
 
 from tip_ray.config import RolloutConfig
-from tip_ray.rollout.hf import SamplingSettings
 from tip_ray.rollout.vllm_args import engine_kwargs, on_cpu_build
-from tip_ray.types import Generation
+from tip_ray.types import Generation, SamplingSettings
 
 
 def generate_with_llm(llm, prompts: list[list[int]], sampling: SamplingSettings,
@@ -75,7 +74,7 @@ class VLLMEngine:
         self.llm.collective_rpc("tip_ray_load_weights", args=(list(named_tensors.items()),))
         self.llm.reset_prefix_cache()
 
-    # Collective weight sync (tip_ray.sync): every vLLM worker is one member of the weight group.
+    # Collective weight sync (tip_ray.sync.transports): every vLLM worker is one member of the weight group.
 
     @property
     def weight_receivers(self) -> int:

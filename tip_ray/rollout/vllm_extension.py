@@ -41,7 +41,7 @@ class WeightUpdateExtension:
         parallel rank, replacing any group joined before; returns the rank taken."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        from tip_ray.sync_group import WeightGroup
+        from tip_ray.sync.process_group import WeightGroup
 
         self.tip_ray_close_weight_group()
         rank = first_rank + get_tensor_model_parallel_rank()

@@ -11,8 +11,7 @@ from dataclasses import replace
 import torch
 
 from tip_ray.config import RolloutConfig
-from tip_ray.rollout.hf import SamplingSettings
-from tip_ray.types import RolloutBatch
+from tip_ray.types import RolloutBatch, SamplingSettings
 
 
 class RolloutWorker:
@@ -75,7 +74,7 @@ class RolloutWorker:
         self.engine.update_weights(named_tensors)
         self._version = version
 
-    # Collective weight sync (tip_ray.sync).
+    # Collective weight sync (tip_ray.sync.transports).
 
     def weight_receivers(self) -> int:
         """Members this worker adds to the weight group (its engine's tensor parallel size)."""

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 from tip_ray.config import TeacherConfig
-from tip_ray.rollout.hf import SamplingSettings
 from tip_ray.teacher.layout import fill_padding, needed_mask, order_by_logprob
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.types import Generation
+from tip_ray.types import Generation, SamplingSettings
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -36,10 +36,10 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
     order, ``rollout.n`` per prompt) and tally each sampled id's count and summed KL(P_S||P_T)."""
     from transformers import AutoModelForCausalLM
 
-    from tip_ray.checkpoints import check_same_vocabulary, load_tokenizer, require_checkpoint
     from tip_ray.data.prompts import PromptStream, load_prompt_dataset
     from tip_ray.rollout.vllm_args import sized_for
     from tip_ray.rollout.worker import RolloutWorker
+    from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
     from tip_ray.teacher.layout import first_scored_positions
     from tip_ray.teacher.worker import TeacherWorker
     from tip_ray.tip.lean import token_stats_from_hidden

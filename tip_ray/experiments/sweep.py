@@ -12,7 +12,7 @@ unfinished run whose directory holds a complete checkpoint (``<run>/checkpoints`
 ``--timeout`` kills a run) is run again with the same command, and ``tip-ray train`` resumes it
 from its newest checkpoint (the default ``checkpoint.resume=auto``); the trainer
 cuts ``metrics.jsonl`` back to that step, so the steps after it are not logged twice, and refuses
-to resume if an override changed the run's identity (``tip_ray.resume``). An unfinished run
+to resume if an override changed the run's identity (``tip_ray.state.resume``). An unfinished run
 without a checkpoint starts again in an empty directory: its old one is moved aside to
 ``<root>/<arm>/stale-seed<k>-<time>`` (removed only if empty; a name that ``tip-ray report``'s
 ``<arm>/seed*`` never reads), never deleted with the user's files.
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tip_ray.checkpoint_store import CheckpointStore
+from tip_ray.state.checkpoint_store import CheckpointStore
 
 # Every seed the training run reads: the prompt order, the rollout sampling, the sampled
 # selection rules, the learner's initialisation (torch.manual_seed) and the trainer's own.

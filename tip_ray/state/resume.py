@@ -38,8 +38,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tip_ray.checkpoint_store import CheckpointStore, SavedCheckpoint
 from tip_ray.config import TrainConfig, is_identity
+from tip_ray.state.checkpoint_store import CheckpointStore, SavedCheckpoint
 
 _ABSENT = object()  # a key a config does not hold (None is a value: teacher.top_k=null)
 

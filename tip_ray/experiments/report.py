@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tip_ray.sweep import DEFAULT_ARMS, run_finished
+from tip_ray.experiments.sweep import DEFAULT_ARMS, run_finished
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
 
 def collect_runs(root: str | Path) -> list[RunRecord]:
     """Every finished run under ``root/<arm>/seed<k>/``: a ``summary.json`` written at the run's
-    last step (``tip_ray.sweep.run_finished``; a run stopped early is left out until resumed)."""
+    last step (``tip_ray.experiments.sweep.run_finished``; a run stopped early is left out until resumed)."""
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"sweep root {root} is not a directory")
@@ -818,7 +818,7 @@ def reproduce_commands(records: Sequence[RunRecord], notes: str | None = None, o
     the directory the sweep ran in): the models, the rock set if an arm used one, the sweep with
     its shared overrides, seeds and arms, and this report into ``out`` (with its ``notes`` file
     and ``--metric``, if any). Empty if no run records its command."""
-    from tip_ray.sweep import is_per_run
+    from tip_ray.experiments.sweep import is_per_run
 
     run = next((r for r in records if r.command), None)
     if run is None:
@@ -1005,7 +1005,7 @@ def write_report(root: str | Path, out: str | Path, command: str = DEFAULT_COMMA
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tip_ray.report --root runs/sweep --out docs/results.md``."""
+    """``python -m tip_ray.experiments.report --root runs/sweep --out docs/results.md``."""
     parser = argparse.ArgumentParser(prog="tip-ray report", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
@@ -1013,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The report's options (shared by ``tip-ray report`` and ``python -m tip_ray.report``)."""
+    """The report's options (shared by ``tip-ray report`` and ``python -m tip_ray.experiments.report``)."""
     parser.add_argument("--root", default="runs/sweep", help="sweep root (default: runs/sweep)")
     parser.add_argument("--out", default="docs/results.md",
                         help="markdown file; figures go to its figures/ folder, named sweep_* for results.md and "

@@ -12,8 +12,8 @@ Transports (``sync.transport``), behind the one entry point ``sync_weights``:
     rollout actor reads the same object and reloads it.
 ``collective``
     A process group formed once, at set-up, between learner rank 0 and every vLLM worker of
-    every rollout actor (NCCL on GPU, gloo on CPU; ``tip_ray.sync_group``). The bucket plan
-    (names, shapes, dtypes per bucket; ``tip_ray.sync_buckets``) goes through Ray once, at
+    every rollout actor (NCCL on GPU, gloo on CPU; ``tip_ray.sync.process_group``). The bucket plan
+    (names, shapes, dtypes per bucket; ``tip_ray.sync.buckets``) goes through Ray once, at
     set-up (and again if the members change: a restarted rollout actor or learner group). Each
     sync broadcasts the weights bucket by bucket; each vLLM worker loads a bucket's
     tensors as it lands and the engine resets its prefix cache at the end. The driver first
@@ -21,7 +21,7 @@ Transports (``sync.transport``), behind the one entry point ``sync_weights``:
     on a busy receiver; an actor that refuses the version still drains the broadcast, so the
     group stays in step. A member that dies mid-broadcast makes the others' broadcasts raise
     within ``sync.timeout_s`` (gloo and NCCL alike: the NCCL group is built so that its
-    watchdog does not end the process, ``tip_ray.sync_group``); the send then re-raises the
+    watchdog does not end the process, ``tip_ray.sync.process_group``); the send then re-raises the
     failure, every live member leaves the broken group, and the next send forms a new one.
     (The trainer stops the run on that failure, with gloo as with NCCL; the same command resumes
     it from the newest checkpoint.)
@@ -88,7 +88,7 @@ class CollectiveTransport:
         self._form(learner_group, rollout_actors)
 
     def _form(self, learner_group, rollout_actors: list) -> None:
-        from tip_ray.sync_buckets import plan_buckets
+        from tip_ray.sync.buckets import plan_buckets
 
         if not rollout_actors:
             raise ValueError("the collective weight sync needs at least one rollout actor")
@@ -131,7 +131,7 @@ class CollectiveTransport:
 
     def _after_failure(self, refs: list) -> None:
         """After a broadcast failed (a member died, or a broadcast raised ``WeightGroupError``
-        within ``sync.timeout_s``; see ``tip_ray.sync_group``): let every member's call end (each
+        within ``sync.timeout_s``; see ``tip_ray.sync.process_group``): let every member's call end (each
         is bounded by the timeout), make every live member leave the broken group, and form a
         new group on the next send. Members that are gone are skipped; nothing here raises."""
         if refs:

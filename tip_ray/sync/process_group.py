@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tip_ray.sync_buckets import Bucket, pack_into, unpack
+from tip_ray.sync.buckets import Bucket, pack_into, unpack
 
 BACKENDS = ("gloo", "nccl")
 _PREFIX = "tip_ray/weights"

@@ -35,10 +35,10 @@ import ray
 import torch
 
 from tip_ray.config import FaultConfig, RolloutConfig, TeacherConfig
-from tip_ray.groups import PoolResources, RolloutActor, TeacherActor, on_bundle, reserve
-from tip_ray.rollout.hf import SamplingSettings
+from tip_ray.runtime.actors import RolloutActor, TeacherActor
+from tip_ray.runtime.placement import PoolResources, on_bundle, reserve
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.types import Generation, RolloutBatch
+from tip_ray.types import Generation, RolloutBatch, SamplingSettings
 
 # What a dead, restarting or unreachable actor raises (ActorDiedError, ActorUnavailableError).
 ACTOR_FAILURES = (ray.exceptions.RayActorError,)
