@@ -7,16 +7,10 @@ import math
 
 import pytest
 
-from tip_ray.experiments.report import (
-    ReportError,
-    check_claims,
-    collect_runs,
-    load_run,
-    reproduce_commands,
-    results_table,
-    summarize,
-    write_report,
-)
+from tip_ray.experiments.claims import check_claims
+from tip_ray.experiments.provenance import reproduce_commands
+from tip_ray.experiments.report import collapse_notes, curve_table, end_state_table, main, results_table, write_report
+from tip_ray.experiments.scores import ReportError, choose_metric, collect_runs, load_run, summarize
 
 
 def write_run(root, arm, seed, rule, ratio, after, *, before=0.2, mid=0.5, kept=(100, 100), valid=(100, 100),
@@ -61,7 +55,7 @@ def sweep(tmp_path):
 def test_runs_are_read_with_their_curves_tokens_and_memory(sweep):
     run = load_run(sweep / "all_100" / "seed1")
     assert (run.arm, run.seed, run.rule, run.ratio) == ("all_100", 1, "all", 1.0)
-    assert run.curve == ((0, 0.2), (1, 0.55), (2, 0.7))
+    assert run.scores["accuracy"].curve == ((0, 0.2), (1, 0.55), (2, 0.7))
     assert (run.kept_tokens, run.valid_tokens, run.kept_fraction, run.steps) == (200, 200, 1.0, 2)
     assert run.peak_memory_mb == 520.0 and run.wall_seconds == 110.0
     assert len(collect_runs(sweep)) == 6  # the unfinished random_50/seed1 is left out
@@ -70,16 +64,17 @@ def test_runs_are_read_with_their_curves_tokens_and_memory(sweep):
 def test_arm_means_std_and_gain_recovered(sweep):
     arms = {s.arm: s for s in summarize(collect_runs(sweep))}
     assert list(arms) == ["all_100", "soft_or_50", "random_50"]  # the sweep's arm order
-    a, s, r = arms["all_100"], arms["soft_or_50"], arms["random_50"]
-    assert a.accuracy == pytest.approx(0.7) and a.accuracy_std == pytest.approx(0.1)
-    assert s.accuracy == pytest.approx(0.8) and s.accuracy_std == pytest.approx(math.sqrt(0.005))
-    assert r.accuracy_std is None and r.seeds == (0,)
+    a, s, r = (arms[n].scores["accuracy"] for n in ("all_100", "soft_or_50", "random_50"))
+    assert a.final == pytest.approx(0.7) and a.std == pytest.approx(0.1) and a.before == pytest.approx(0.2)
+    assert s.final == pytest.approx(0.8) and s.std == pytest.approx(math.sqrt(0.005))
+    assert r.std is None and arms["random_50"].seeds == (0,)
     assert a.recovered == pytest.approx(1.0)
     assert s.recovered == pytest.approx((0.8 - 0.2) / (0.7 - 0.2))
     assert r.recovered == pytest.approx((0.4 - 0.2) / 0.5)
-    assert (s.kept_tokens, s.kept_fraction, s.peak_memory_mb) == (100, 0.5, 410.0)
-    assert r.kept_fraction == pytest.approx(0.5)  # mean of the per-step fractions 60/120 and 40/80
-    assert a.wall_seconds == pytest.approx(110.0)
+    soft, rand, base = arms["soft_or_50"], arms["random_50"], arms["all_100"]
+    assert (soft.kept_tokens, soft.kept_fraction, soft.peak_memory_mb) == (100, 0.5, 410.0)
+    assert rand.kept_fraction == pytest.approx(0.5)  # mean of the per-step fractions 60/120 and 40/80
+    assert base.wall_seconds == pytest.approx(110.0)
     assert [c[0] for c in a.curve] == [0, 1, 2]
     assert a.curve[1][1] == pytest.approx(0.55) and a.curve[1][2] == pytest.approx(0.05)
 
@@ -152,8 +147,6 @@ def test_unreadable_runs_are_named(tmp_path):
 
 
 def test_the_curve_table_has_the_mean_accuracy_at_every_evaluated_step(sweep):
-    from tip_ray.experiments.report import curve_table
-
     rows = curve_table(summarize(collect_runs(sweep))).splitlines()
     assert rows[0] == "| arm | step 0 | step 1 | step 2 |"
     assert rows[2] == "| all_100 | 20.0 | 55.0 | 70.0 |"
@@ -161,8 +154,6 @@ def test_the_curve_table_has_the_mean_accuracy_at_every_evaluated_step(sweep):
 
 
 def test_the_end_state_averages_the_last_tenth_of_the_steps_then_the_seeds(sweep):
-    from tip_ray.experiments.report import end_state_table
-
     for seed, rkl in enumerate([0.5, 0.7]):
         path = sweep / "soft_or_50" / f"seed{seed}" / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -180,8 +171,6 @@ def test_the_end_state_averages_the_last_tenth_of_the_steps_then_the_seeds(sweep
 
 
 def test_an_arm_that_ends_below_its_start_gets_a_note_with_its_end_state(sweep):
-    from tip_ray.experiments.report import collapse_notes
-
     path = sweep / "random_50" / "seed0" / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for r in rows:
@@ -236,15 +225,13 @@ def kl_sweep(tmp_path):
 
 def test_a_run_without_accuracy_but_with_held_out_kl_is_read(kl_sweep):
     run = load_run(kl_sweep / "all_100" / "seed1")
-    assert run.accuracy_before is None and run.curve == () and set(run.scores) == {"rkl", "agreement"}
+    assert set(run.scores) == {"rkl", "agreement"}  # no accuracy logged
     assert (run.scores["rkl"].before, run.scores["rkl"].after) == (1.0, 0.6)
     assert run.scores["rkl"].curve == ((0, 1.0), (1, 0.8), (2, 0.6))
     assert run.scores["agreement"].curve == ((0, 0.5), (1, 0.6), (2, 0.75))
 
 
 def test_kl_gap_closed_and_final_agreement_per_arm(kl_sweep):
-    from tip_ray.experiments.report import choose_metric
-
     summaries = summarize(collect_runs(kl_sweep))
     arms = {s.arm: s.scores for s in summaries}
     a, s, r = arms["all_100"]["rkl"], arms["soft_or_50"]["rkl"], arms["random_50"]["rkl"]
@@ -255,15 +242,13 @@ def test_kl_gap_closed_and_final_agreement_per_arm(kl_sweep):
     assert s.recovered == pytest.approx((1.0 - 0.5) / (1.0 - 0.6))
     assert r.recovered == pytest.approx((1.0 - 0.8) / (1.0 - 0.6))
     assert arms["soft_or_50"]["agreement"].final == pytest.approx(0.85)
-    assert "accuracy" not in arms["all_100"] and summaries[0].accuracy is None
+    assert "accuracy" not in arms["all_100"]
     assert choose_metric(summaries) == "rkl"  # no accuracy: KL is the default primary metric
     with pytest.raises(ReportError, match="--metric accuracy: not every run logged eval/accuracy"):
         choose_metric(summaries, "accuracy")
 
 
 def test_the_kl_tables_carry_the_numbers(kl_sweep):
-    from tip_ray.experiments.report import curve_table
-
     summaries = summarize(collect_runs(kl_sweep))
     table = results_table(summaries).splitlines()
     assert table[0] == ("| arm | rule | ratio | seeds | tokens trained (kept) | kept | final held-out KL (mean ± std) "
@@ -322,8 +307,6 @@ def test_a_kl_report_names_its_figures_after_the_page_and_lists_its_commands(tmp
 
 
 def test_the_report_command_takes_the_metric(kl_sweep, tmp_path, capsys):
-    from tip_ray.experiments.report import main
-
     out = tmp_path / "docs" / "results_kl.md"
     assert main(["--root", str(kl_sweep), "--out", str(out), "--metric", "rkl"]) == 0
     assert f"--out {out} --metric rkl`" in out.read_text()
