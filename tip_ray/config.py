@@ -276,8 +276,9 @@ class LearnerConfig:
     micro-batch (about 18% of a small student's step), for the activations of all of a rank's
     micro-batches held at once, while the statistics are computed. False (the default) runs a
     no-gradient statistics pass first and the gradient pass after it, holding one micro-batch's
-    graph at a time. ZeRO-3 always runs two passes: its parameter partitioning gives wrong
-    gradients with several graphs held at once.
+    graph at a time. ZeRO-3 cannot run one pass (its parameter partitioning gives wrong gradients
+    with several graphs held at once): true with ``zero_stage=3`` is an error, and null (auto)
+    runs one pass under ZeRO-1/2 and two under ZeRO-3 (``uses_single_forward``).
 
     ``gradient_checkpointing``: true keeps only each decoder layer's input during the forward and
     recomputes the layer in the backward (transformers' non-reentrant checkpointing): activation
@@ -308,7 +309,7 @@ class LearnerConfig:
     vocab_chunk: int = 16384
     ta_k: int = identity(16)
     seed: int = identity(0)
-    single_forward: bool = False
+    single_forward: bool | None = False
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -332,6 +333,10 @@ class LearnerConfig:
             (0 <= self.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.chunk_rows >= 1, f"learner.chunk_rows must be >= 1, got {self.chunk_rows}"),
             (self.vocab_chunk >= 1, f"learner.vocab_chunk must be >= 1, got {self.vocab_chunk}"),
+            (not (self.single_forward is True and self.zero_stage == 3),
+             "learner.single_forward=true cannot run under learner.zero_stage=3 (ZeRO-3's parameter partitioning "
+             "gives wrong gradients with several micro-batch graphs held at once); set learner.single_forward=false, "
+             "or null (auto: one pass under ZeRO-1/2, two under ZeRO-3)"),
         )
         _raise_first_failure(checks)
 
@@ -342,8 +347,11 @@ class LearnerConfig:
 
     @property
     def uses_single_forward(self) -> bool:
-        """Whether a step runs the backbone once per micro-batch (``single_forward`` resolved)."""
-        return self.single_forward and self.zero_stage != 3
+        """Whether a step runs the backbone once per micro-batch: ``single_forward``, with null
+        (auto) resolved to true under ZeRO-1/2 and false under ZeRO-3."""
+        if self.single_forward is None:
+            return self.zero_stage != 3
+        return self.single_forward
 
 
 TEACHER_BACKENDS = ("hf", "vllm")
@@ -369,6 +377,15 @@ class TeacherConfig:
     ``kv_cache_memory_bytes`` is set. ``max_num_batched_tokens`` bounds the tokens scored per
     engine step: prompt log-probs materialise [tokens, vocabulary] fp32 logits outside vLLM's
     memory profile, so size it for the vocabulary on GPUs (null: vLLM's default).
+
+    ``student_vocab_size``: the student's vocabulary rows. The teacher's top-K (and its whole
+    distribution with ``top_k`` null) is taken over the ids below it only, so an id the student
+    has no row for is never sent: a teacher whose embedding is padded further than the student's
+    (Qwen2.5-14B's 152,064 rows against 1.5B's 151,936) gives the same signal as one that is not.
+    The log-probs stay the teacher's own, normalised over its whole vocabulary: what it puts on
+    rows the student lacks joins the tail bucket. The vllm backend asks for ``top_k`` plus the
+    number of such rows (at most ``max_logprobs``). ``tip-ray train`` sets it from the student's
+    config (``with_student_vocab``); null scores over the teacher's whole vocabulary.
     """
 
     model: str = identity()
@@ -385,6 +402,7 @@ class TeacherConfig:
     max_num_seqs: int | None = None
     kv_cache_memory_bytes: int | None = None
     max_num_batched_tokens: int | None = None
+    student_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -409,6 +427,11 @@ class TeacherConfig:
             (self.backend != "vllm" or self.top_k is None or self.top_k <= self.max_logprobs,
              f"teacher.top_k ({self.top_k}) exceeds teacher.max_logprobs ({self.max_logprobs}), the most "
              "log-probs per position the vllm backend returns; raise max_logprobs or lower top_k"),
+            (self.student_vocab_size is None or self.student_vocab_size >= 1,
+             f"teacher.student_vocab_size must be >= 1 or null, got {self.student_vocab_size}"),
+            (self.student_vocab_size is None or self.top_k is None or self.top_k <= self.student_vocab_size,
+             f"teacher.top_k ({self.top_k}) exceeds the student's vocabulary (teacher.student_vocab_size = "
+             f"{self.student_vocab_size}), which the top-K is taken over; lower top_k or set it null (every id)"),
         )
         _raise_first_failure(checks)
 
@@ -571,6 +594,10 @@ class TrainerConfig:
     the accuracy over the prompts that have an answer and, with ``eval_divergence``, the student's
     per-token reverse KL to the teacher on its own greedy samples and its greedy agreement with the
     teacher's argmax (one more teacher call and one learner statistics pass per evaluation).
+
+    The loop itself draws nothing at random: the seeds are the components' (``data.seed``: prompt
+    order; ``rollout.seed``: sampling; ``selection.seed``: sampled rules; ``learner.seed``:
+    initialisation).
     """
 
     steps: int = 100
@@ -581,7 +608,6 @@ class TrainerConfig:
     eval_teacher: bool = True
     eval_divergence: bool = True
     output_dir: str = "runs/train"
-    seed: int = identity(0)
     mode: str = identity("sync")
     max_staleness: int = 1
 
@@ -724,6 +750,20 @@ class SyncConfig:
             (self.timeout_s > 0, f"sync.timeout_s must be > 0, got {self.timeout_s}"),
         )
         _raise_first_failure(checks)
+
+
+def with_student_vocab(cfg: TrainConfig, student_vocab: int) -> TrainConfig:
+    """``cfg`` with ``teacher.student_vocab_size`` set to ``student_vocab``, the student's vocabulary
+    rows (its config's ``vocab_size``, read by the caller), so that the teacher scores over the
+    student's ids only. ``ValueError`` when the setting already holds another number (it must
+    describe this student)."""
+    from dataclasses import replace
+
+    given = cfg.teacher.student_vocab_size
+    if given is not None and given != student_vocab:
+        raise ValueError(f"teacher.student_vocab_size = {given}, but the student ({cfg.student}) has {student_vocab} "
+                         "vocabulary rows; leave it null (tip-ray train sets it from the student)")
+    return replace(cfg, teacher=replace(cfg.teacher, student_vocab_size=student_vocab))
 
 
 @dataclass

@@ -33,11 +33,47 @@ def test_learner_accumulation_steps():
     [
         ({}, False),
         ({"single_forward": True}, True),
-        ({"single_forward": True, "zero_stage": 3}, False),  # ZeRO-3 always runs two passes
+        ({"single_forward": False, "zero_stage": 3}, False),
+        ({"single_forward": None}, True),  # auto: one pass where the stage allows it
+        ({"single_forward": None, "zero_stage": 1}, True),
+        ({"single_forward": None, "zero_stage": 3}, False),  # ZeRO-3 runs two passes
     ],
 )
 def test_single_forward_resolution(kwargs, single):
     assert LearnerConfig(model="m", world_size=2, **kwargs).uses_single_forward is single
+
+
+def test_single_forward_true_under_zero3_is_refused_not_dropped():
+    with pytest.raises(ValueError, match="learner.single_forward=true cannot run under learner.zero_stage=3"):
+        LearnerConfig(model="m", world_size=2, single_forward=True, zero_stage=3)
+
+
+def test_trainer_seed_is_gone_and_an_override_of_it_fails():
+    # Nothing read trainer.seed; a command that still sets it must fail, not run with it ignored.
+    from tip_ray.cli import compose
+
+    with pytest.raises(SystemExit, match="Could not override 'trainer.seed'"):
+        compose("train", ["trainer.seed=3"])
+    assert compose("train", ["data.seed=3"]).data.seed == 3
+
+
+def test_teacher_student_vocab_bounds_top_k_and_is_filled_from_the_student():
+    from tip_ray.config import DataConfig, TeacherConfig, TrainConfig, with_student_vocab
+
+    with pytest.raises(ValueError, match=r"teacher.top_k \(64\) exceeds the student's vocabulary"):
+        TeacherConfig(model="t", top_k=64, student_vocab_size=32)
+    with pytest.raises(ValueError, match="teacher.student_vocab_size must be >= 1"):
+        TeacherConfig(model="t", student_vocab_size=0)
+    cfg = TrainConfig(student="s", teacher=TeacherConfig(model="t", top_k=8), data=DataConfig(path="d.jsonl"),
+                      learner=LearnerConfig(model="s"))
+    assert cfg.teacher.student_vocab_size is None
+    filled = with_student_vocab(cfg, 151_936)
+    assert filled.teacher.student_vocab_size == 151_936 and filled.teacher.top_k == 8
+    assert with_student_vocab(filled, 151_936) == filled
+    with pytest.raises(ValueError, match="teacher.student_vocab_size = 151936, but the student"):
+        with_student_vocab(filled, 152_064)
+    with pytest.raises(ValueError, match="exceeds the student's vocabulary"):
+        with_student_vocab(cfg, 4)  # top_k 8 over 4 ids
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,18 @@ def test_a_group_choice_and_a_key_of_the_same_name_both_apply():
     assert (cfg.rollout.engine, cfg.rollout.n) == ("hf", 2)
 
 
+@pytest.mark.parametrize("pair", ["embedded", "smollm2"])
+def test_the_pairs_single_forward_is_auto_and_follows_the_zero_stage(pair):
+    # The pairs ask for one backbone pass where it is allowed; with learner=zero3 the same preset
+    # runs two passes instead of failing (true under ZeRO-3 is an error, not a silent drop).
+    base = compose("train", [f"pair={pair}"]).learner
+    zero3 = compose("train", [f"pair={pair}", "learner=zero3"]).learner
+    assert (base.single_forward, base.uses_single_forward) == (None, True)
+    assert (zero3.zero_stage, zero3.single_forward, zero3.uses_single_forward) == (3, None, False)
+    with pytest.raises(SystemExit, match="learner.single_forward=true cannot run under learner.zero_stage=3"):
+        compose("train", [f"pair={pair}", "learner=zero3", "learner.single_forward=true"])
+
+
 def test_a_dict_knob_is_added_with_a_plus():
     cfg = compose("train", ["+cluster.learner.resources.learner_node=1"])
     assert cfg.cluster.learner.resources == {"learner_node": 1.0}
