@@ -8,8 +8,8 @@ partial sweep already compares every arm.
 Running the sweep again continues it. A run is finished once its ``summary.json`` reports its
 last step (``tip-ray train`` also writes one when a signal stops it early): it is skipped. An
 unfinished run whose directory holds a complete checkpoint (``<run>/checkpoints``, the default
-``checkpoint.dir``; written every ``checkpoint.every`` steps and on a clean stop, but not when
-``--timeout`` kills a run) is run again with the same command, and ``tip-ray train`` resumes it
+``checkpoint.dir``; written every ``checkpoint.every`` steps and when the run is stopped) is run
+again with the same command, and ``tip-ray train`` resumes it
 from its newest checkpoint (the default ``checkpoint.resume=auto``); the trainer
 cuts ``metrics.jsonl`` back to that step, so the steps after it are not logged twice, and refuses
 to resume if an override changed the run's identity (``tip_ray.state.resume``). An unfinished run
@@ -17,18 +17,29 @@ without a checkpoint starts again in an empty directory: its old one is moved as
 ``<root>/<arm>/stale-seed<k>-<time>`` (removed only if empty; a name that ``tip-ray report``'s
 ``<arm>/seed*`` never reads), never deleted with the user's files.
 
+Stopping a run (``--timeout``, or a Ctrl-C or SIGTERM of the sweep) sends the trainer one SIGTERM:
+it finishes the step in flight, writes a checkpoint and a summary, and exits. The sweep waits up
+to ``grace`` seconds for that, then kills the trainer's process group. The trainer runs in a
+session of its own, so a Ctrl-C in the terminal reaches only the sweep (a second signal to the
+trainer would make it stop at once, without its checkpoint); a second Ctrl-C of the sweep kills at
+once. A stopped sweep does not go on to the next run.
+
 Next to each run's files, ``sweep_run.json`` records the command, its exit status, the number of
-attempts and their total wall time (a resumed run redoes the steps after its checkpoint);
-``train.log`` holds the output of every attempt.
+attempts and their total wall time (a resumed run redoes the steps after its checkpoint) and the
+machine's CPU count; ``train.log`` holds the output of every attempt.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +47,13 @@ from typing import Any
 from tip_ray.state.checkpoint_store import CheckpointStore
 
 # Every seed the training run reads: the prompt order, the rollout sampling, the sampled
-# selection rules, the learner's initialisation (torch.manual_seed) and the trainer's own.
-SEED_KEYS = ("data.seed", "rollout.seed", "selection.seed", "learner.seed", "trainer.seed")
+# selection rules and the learner's initialisation (torch.manual_seed).
+SEED_KEYS = ("data.seed", "rollout.seed", "selection.seed", "learner.seed")
 DEFAULT_ROCK_FILE = "runs/embedded/rocks.json"
 CHECKPOINTS = "checkpoints"  # where `tip-ray train` keeps a run's checkpoints (checkpoint.dir=null)
+# Seconds a stopped trainer gets to finish its step in flight (an evaluation may follow it) and
+# write its checkpoint before it is killed.
+DEFAULT_GRACE = 120.0
 
 
 def run_finished(run_dir: str | Path) -> bool:
@@ -108,7 +122,8 @@ def arms_by_name(names: Sequence[str] | None) -> list[Arm]:
 
 
 _PER_RUN_KEYS = ("selection.rule", "selection.ratio", "selection.direction", "selection.rock_file",
-                 "trainer.output_dir", *SEED_KEYS)
+                 "trainer.output_dir", *SEED_KEYS,
+                 "trainer.seed")  # older sweeps set it too (the training loop draws nothing at random)
 
 
 def is_per_run(override: str) -> bool:
@@ -176,12 +191,41 @@ def plan(arms: Sequence[Arm], seeds: Sequence[int], root: str | Path, common: Se
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a run of the sweep ended: ``finished``, ``skipped`` (already finished) or ``failed``."""
+    """How a run of the sweep ended: ``finished``, ``skipped`` (already finished) or ``failed``
+    (including a run that was stopped: ``stopped`` says why, ``timeout`` or ``signal``)."""
 
     run: PlannedRun
     status: str
     seconds: float
     resumed_from: int | None = None  # the checkpoint step the run continued from
+    stopped: str | None = None
+
+
+class SweepStopped(Exception):
+    """A Ctrl-C or SIGTERM of the sweep stopped the run in flight (``outcome``)."""
+
+    def __init__(self, outcome: RunOutcome):
+        super().__init__(f"{outcome.run.arm.name}/seed{outcome.run.seed} stopped by a signal")
+        self.outcome = outcome
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, a SIGTERM of this process raises KeyboardInterrupt as a Ctrl-C does, so
+    both stop the run in flight the same way (signal handlers can only be set in the main thread:
+    elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_command(run: PlannedRun, python: str = sys.executable) -> list[str]:
@@ -216,14 +260,55 @@ def _write_record(run: PlannedRun, command: list[str], code: int, seconds: float
     record = {"command": command, "returncode": code,
               "wall_seconds": round(float(earlier.get("wall_seconds", 0.0)) + seconds, 2),
               "attempts": int(earlier.get("attempts", 1 if earlier else 0)) + 1, "resumed_from_step": resumed_from,
-              "arm": run.arm.name, "seed": run.seed}
+              "arm": run.arm.name, "seed": run.seed, "machine": {"cpus": os.cpu_count()}}
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def execute(run: PlannedRun, python: str = sys.executable, timeout: float | None = None) -> RunOutcome:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process group ``proc`` leads (its own session: the trainer and what it started)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def stop_process(proc: subprocess.Popen, grace: float, note: Callable[[str], None]) -> int:
+    """Send ``proc`` one SIGTERM and wait up to ``grace`` seconds for it to exit (the trainer
+    finishes its step and writes a checkpoint), then kill its process group; a Ctrl-C while
+    waiting kills at once. Returns its exit status."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        note(f"still running {grace:g} s after SIGTERM: killed")
+    except KeyboardInterrupt:
+        note("interrupted again: killed")
+    _kill_group(proc)
+    return proc.wait()
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None, grace: float,
+          note: Callable[[str], None]) -> tuple[int, str | None]:
+    """Wait for the trainer ``proc``; at the ``timeout`` or a Ctrl-C, stop it (``stop_process``).
+    Returns its exit status and why it was stopped (None, ``timeout`` or ``signal``)."""
+    try:
+        return proc.wait(timeout=timeout), None
+    except subprocess.TimeoutExpired:
+        why, text = "timeout", f"timeout after {timeout:g} s"
+    except KeyboardInterrupt:
+        why, text = "signal", "the sweep was interrupted"
+    note(f"{text}: SIGTERM sent, waiting up to {grace:g} s for the trainer's stop-time checkpoint")
+    return stop_process(proc, grace, note), why
+
+
+def execute(run: PlannedRun, python: str = sys.executable, timeout: float | None = None,
+            grace: float = DEFAULT_GRACE) -> RunOutcome:
     """Run one training subprocess (output appended to ``<run_dir>/train.log``) unless the run has
     finished: from its newest checkpoint if its directory holds one (the trainer resumes it), else
-    from scratch in a fresh directory (an old one is moved aside by ``set_aside``)."""
+    from scratch in a fresh directory (an old one is moved aside by ``set_aside``).
+
+    At the ``timeout`` the trainer is stopped with a SIGTERM and ``grace`` seconds to write its
+    checkpoint (``stop_process``); a Ctrl-C does the same and then raises ``SweepStopped``."""
     if run.finished:
         return RunOutcome(run, "skipped", 0.0)
     resumed_from = run.checkpoint_step
@@ -233,16 +318,22 @@ def execute(run: PlannedRun, python: str = sys.executable, timeout: float | None
     command = train_command(run, python)
     started = time.perf_counter()
     with (run.run_dir / "train.log").open("a") as log:
-        if resumed_from is not None:
-            log.write(f"\n[tip-ray sweep] resuming from the checkpoint of step {resumed_from}\n")
+
+        def note(text: str) -> None:
+            log.write(f"\n[tip-ray sweep] {text}\n")
             log.flush()
-        try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            code = -1
+
+        if resumed_from is not None:
+            note(f"resuming from the checkpoint of step {resumed_from}")
+        # A session of its own: a terminal's Ctrl-C reaches the sweep only, which sends one SIGTERM.
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        code, stopped = _wait(proc, timeout, grace, note)
     seconds = time.perf_counter() - started
     _write_record(run, command, code, seconds, resumed_from)
-    return RunOutcome(run, "finished" if code == 0 and run.finished else "failed", seconds, resumed_from)
+    outcome = RunOutcome(run, "finished" if code == 0 and run.finished else "failed", seconds, resumed_from, stopped)
+    if stopped == "signal":
+        raise SweepStopped(outcome)
+    return outcome
 
 
 def _accuracy_line(run: PlannedRun) -> str:
@@ -255,27 +346,47 @@ def _accuracy_line(run: PlannedRun) -> str:
     return f"accuracy {100 * before:.1f}% -> {100 * after:.1f}%"
 
 
+def _progress_line(outcome: RunOutcome) -> str:
+    """What became of an executed run: its accuracy, or why it stopped and where it resumes."""
+    run = outcome.run
+    if outcome.status == "finished":
+        return _accuracy_line(run)
+    if outcome.stopped is None:
+        return f"FAILED, see {run.run_dir / 'train.log'}"
+    why = "at the timeout" if outcome.stopped == "timeout" else "by a signal"
+    step = run.checkpoint_step
+    where = "no checkpoint: it starts again" if step is None else f"resumes from the checkpoint of step {step}"
+    return f"stopped {why} ({where} when the sweep runs again)"
+
+
 def run_sweep(runs: Sequence[PlannedRun], python: str = sys.executable, timeout: float | None = None,
-              echo=None) -> list[RunOutcome]:
+              echo: Callable[[str], None] | None = None, grace: float = DEFAULT_GRACE) -> list[RunOutcome]:
     """Execute ``runs`` in order, printing one progress line per run (with an estimate of the
-    time left from the runs executed so far); returns every outcome."""
+    time left from the runs executed so far); returns every outcome. A Ctrl-C or SIGTERM stops
+    the run in flight (``execute``) and ends the sweep there."""
     echo = echo or (lambda line: print(line, flush=True))
     outcomes: list[RunOutcome] = []
     executed: list[float] = []
-    for i, run in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)}] {run.arm.name}/seed{run.seed}"
-        if not run.finished:
-            step = run.checkpoint_step
-            doing = "running" if step is None else f"resuming from the checkpoint of step {step}"
-            echo(f"{label} {doing} ... (log: {run.run_dir / 'train.log'})")
-        outcome = execute(run, python, timeout)
-        outcomes.append(outcome)
-        if outcome.status == "skipped":
-            echo(f"{label} already finished, skipped")
-            continue
-        executed.append(outcome.seconds)
-        left = sum(1 for r in runs[i:] if not r.finished)
-        eta = left * sum(executed) / len(executed)
-        detail = _accuracy_line(run) if outcome.status == "finished" else f"FAILED, see {run.run_dir / 'train.log'}"
-        echo(f"{label} {outcome.status} in {outcome.seconds:.0f} s {detail}; {left} left, about {eta / 60:.0f} min")
+    with sigterm_interrupts():
+        for i, run in enumerate(runs, 1):
+            label = f"[{i}/{len(runs)}] {run.arm.name}/seed{run.seed}"
+            if not run.finished:
+                step = run.checkpoint_step
+                doing = "running" if step is None else f"resuming from the checkpoint of step {step}"
+                echo(f"{label} {doing} ... (log: {run.run_dir / 'train.log'})")
+            try:
+                outcome = execute(run, python, timeout, grace)
+            except SweepStopped as stop:
+                outcomes.append(stop.outcome)
+                echo(f"{label} {_progress_line(stop.outcome)}; the sweep stops here")
+                break
+            outcomes.append(outcome)
+            if outcome.status == "skipped":
+                echo(f"{label} already finished, skipped")
+                continue
+            executed.append(outcome.seconds)
+            left = sum(1 for r in runs[i:] if not r.finished)
+            eta = left * sum(executed) / len(executed)
+            echo(f"{label} {outcome.status} in {outcome.seconds:.0f} s {_progress_line(outcome)}; {left} left, "
+                 f"about {eta / 60:.0f} min")
     return outcomes
