@@ -30,10 +30,12 @@ class HFScorer:
     """A transformers causal LM scoring right-padded sequences at temperature 1.
 
     The model runs on this actor's GPU when one is visible (``tip_ray.devices``), in
-    ``teacher.dtype`` (``auto``: the checkpoint's ``torch_dtype``), else on the CPU.
+    ``teacher.dtype`` (``auto``: the checkpoint's ``torch_dtype``), else on the CPU. The top-K is
+    taken over the first ``scored_vocab`` ids (the student's rows; None: every row), from the
+    log-softmax over every row.
     """
 
-    def __init__(self, cfg: TeacherConfig) -> None:
+    def __init__(self, cfg: TeacherConfig, scored_vocab: int | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self.micro_batch_size = cfg.micro_batch_size
@@ -42,6 +44,7 @@ class HFScorer:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.vocab_size = int(self.model.config.vocab_size)
+        self.scored_vocab = min(scored_vocab or self.vocab_size, self.vocab_size)
         # transformers' causal LMs take logits_to_keep (the lm_head on the last n positions only);
         # a remote-code model without it gets every position's logits.
         self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -52,8 +55,9 @@ class HFScorer:
         first_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For right-padded ``input_ids``/``attention_mask`` [B, L] on the CPU: ids [B, L-1, k]
-        (long) and fp32 log-probs [B, L-1, k] of the k most likely next tokens (ties at the k-th
-        place to the lower id, in no particular order), and the fp32 log-prob [B, L-1] of the
+        (long) and fp32 log-probs [B, L-1, k] of the k most likely next tokens among the first
+        ``scored_vocab`` ids (ties at the k-th place to the lower id, in no particular order;
+        log-probs normalised over the whole vocabulary), and the fp32 log-prob [B, L-1] of the
         actual next token, all on the CPU. Each micro-batch runs on the model's device.
         Positions whose target is padding hold zeros (the caller fills them), and so may the
         positions before ``first_position`` [B]: a micro-batch's lm_head, log-softmax and top-k
@@ -78,7 +82,7 @@ class HFScorer:
             extra = {"logits_to_keep": width - first} if self.keeps_logits else {}
             logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits[:, :-1]
             logp = torch.log_softmax(logits.float(), dim=-1)
-            top = top_ids(logp, k)
+            top = top_ids(logp[..., : self.scored_vocab], k)
             targets = tokens[:, first + 1 :].clamp(0, self.vocab_size - 1)
             ids[rows, first : width - 1] = top.cpu()
             values[rows, first : width - 1] = logp.gather(-1, top).cpu()

@@ -6,6 +6,9 @@ in-process engine, ``tip_ray.teacher.vllm``). Both give the same ``TeacherSignal
 descending log-prob with ties to the lower id, and the same placeholder at padding positions
 (``tip_ray.teacher.layout``). The payload is compact: int32 ids and log-probs in
 ``values_dtype``, as tensors, so it travels through the object store in a few buffers.
+
+Only ids the student has a row for are sent (``teacher.student_vocab_size``): a teacher whose
+embedding is padded further than the student's takes its top-K over the student's ids.
 """
 
 from __future__ import annotations
@@ -28,21 +31,24 @@ class TeacherWorker:
 
         self.cfg = cfg
         self.vocab_size = int(AutoConfig.from_pretrained(cfg.model).vocab_size)
-        if cfg.top_k is not None and cfg.top_k > self.vocab_size:
-            raise ValueError(f"teacher.top_k = {cfg.top_k} exceeds the teacher's vocabulary ({self.vocab_size})")
+        # The ids scored: the teacher's rows the student has too (all of them without a student size).
+        self.scored_vocab = min(self.vocab_size, cfg.student_vocab_size or self.vocab_size)
+        # (top_k within the student's rows is the config's check; the teacher's are known here.)
+        if cfg.top_k is not None and cfg.top_k > self.scored_vocab:
+            raise ValueError(f"teacher.top_k = {cfg.top_k} exceeds the teacher's vocabulary ({self.vocab_size} ids)")
         if cfg.backend == "vllm":
             from tip_ray.teacher.vllm import VLLMScorer
 
-            self.backend = VLLMScorer(cfg, self.vocab_size)
+            self.backend = VLLMScorer(cfg, self.vocab_size, self.scored_vocab)
         else:
             from tip_ray.teacher.hf import HFScorer
 
-            self.backend = HFScorer(cfg)
+            self.backend = HFScorer(cfg, self.scored_vocab)
 
     @property
     def k(self) -> int:
-        """Teacher tokens sent per position (the vocabulary size when ``top_k`` is null)."""
-        return self.cfg.top_k or self.vocab_size
+        """Teacher tokens sent per position (every scored id when ``top_k`` is null)."""
+        return self.cfg.top_k or self.scored_vocab
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Generation]:
         """The teacher's own generations for token-id prompts (to measure its accuracy), one
@@ -63,10 +69,11 @@ class TeacherWorker:
               first_position: torch.Tensor | None = None) -> TeacherSignal:
         """Signal [B, L-1, K] for right-padded sequences ``input_ids``/``attention_mask`` [B, L].
 
-        Position t holds the teacher's log-probs for the token at t+1 (the student's sample);
-        positions whose token t+1 is padding hold ids 0..K-1 at log-prob -log(V), and so do the
-        positions before ``first_position`` [B] when it is given (the prompt, which the loss never
-        reads: the hf backend then skips its lm_head, log-softmax and top-k there).
+        Position t holds the teacher's log-probs for the token at t+1 (the student's sample),
+        over ids below ``scored_vocab`` only; positions whose token t+1 is padding hold ids 0..K-1
+        at log-prob -log(V) (V: ``scored_vocab``), and so do the positions before
+        ``first_position`` [B] when it is given (the prompt, which the loss never reads: the hf
+        backend then skips its lm_head, log-softmax and top-k there).
         """
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -74,6 +81,6 @@ class TeacherWorker:
         scored = needed_mask(attention_mask, first_position)
         ids, values, sampled = self.backend.topk(input_ids, attention_mask, self.k, first_position)
         ids, values = order_by_logprob(ids, values)
-        fill_padding(ids, values, sampled, scored, self.vocab_size)
+        fill_padding(ids, values, sampled, scored, self.scored_vocab)
         dtype = _DTYPES[self.cfg.values_dtype]
         return TeacherSignal(ids.to(torch.int32), values.to(dtype), sampled.to(dtype))
