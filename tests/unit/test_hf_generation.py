@@ -72,3 +72,63 @@ def test_sft_labels_cover_the_response_and_the_end_of_turn_only():
     batch = collate(tok, [(ids, labels), (ids[:5], labels[:5])])
     assert batch["input_ids"].shape == batch["labels"].shape == (2, len(ids))
     assert int(batch["attention_mask"][1].sum()) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample seeds: a prompt's samples do not depend on the call or batch it is in.
+
+
+def test_a_prompts_samples_do_not_depend_on_the_other_prompts_or_the_batching(engine):
+    gen, tok, model = engine
+    ps = prompts(tok, ["12+3=", "4*5=", "999+1=", "7-2="])
+    seeds = [11, 22, 33, 44]
+    sampling = SamplingSettings(max_new_tokens=8, temperature=1.0, n=2, logprobs=True)
+    together = gen.generate(ps, sampling, seeds)  # batch_size 3: prompt 1's second sample shares a batch with 2
+    by_prompt = {i: [g.token_ids for g in together if g.prompt_index == i] for i in range(4)}
+    alone = HFGenerator(model, tok, batch_size=1)
+    for i in (3, 1):  # another order, other batch neighbours, one sequence per batch
+        assert [g.token_ids for g in alone.generate([ps[i]], sampling, [seeds[i]])] == by_prompt[i]
+    shuffled = gen.generate([ps[2], ps[0]], sampling, [seeds[2], seeds[0]])
+    assert [g.token_ids for g in shuffled] == by_prompt[2] + by_prompt[0]
+    # The seed, not the place, decides: the same prompt under another seed samples otherwise,
+    # and a prompt's n samples are not copies of each other.
+    other = gen.generate([ps[0]], SamplingSettings(max_new_tokens=8, temperature=1.0, n=2), [12])
+    assert [g.token_ids for g in other] != by_prompt[0]
+    assert len({tuple(t) for i in range(4) for t in by_prompt[i]}) > 4
+
+
+def test_without_seeds_every_prompt_uses_the_call_seed_as_vllm_does(engine):
+    gen, tok, _ = engine
+    p = prompts(tok, ["12+3="])[0]
+    sampling = SamplingSettings(max_new_tokens=8, temperature=1.0, seed=5)
+    twice = gen.generate([p, p], sampling)
+    assert twice[0].token_ids == twice[1].token_ids == gen.generate([p], sampling, [5])[0].token_ids
+    with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+        gen.generate([p], sampling, [1, 2])
+
+
+def test_seeded_sampling_draws_from_the_tempered_top_p_distribution(engine):
+    # One token from one prompt under 3000 seeds: the frequencies match transformers' own warped
+    # distribution (temperature, then top-p), and the returned log-probs are its log-probs.
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    gen, tok, model = engine
+    p = prompts(tok, ["12+"])[0]
+    temperature, top_p, draws = 1.7, 0.9, 3000
+    with torch.no_grad():
+        logits = model(torch.tensor([p])).logits[:, -1].float()
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits))
+    expected = torch.softmax(warped, -1)[0]
+    wide = HFGenerator(model, tok, batch_size=1000)
+    outs = wide.generate([p] * draws, SamplingSettings(max_new_tokens=1, temperature=temperature, top_p=top_p,
+                                                       logprobs=True), list(range(draws)))
+    counts = torch.bincount(torch.tensor([g.token_ids[0] for g in outs]), minlength=expected.numel()).double()
+    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
+    # Total variation, against three times its expectation under exact sampling (sum of the
+    # binomial mean absolute deviations, about sqrt(2 p (1 - p) / (pi N)) each).
+    q = expected.double()
+    tolerance = 3 * 0.5 * torch.sqrt(2 * q * (1 - q) / (torch.pi * draws)).sum()
+    assert 0.5 * (counts / draws - q).abs().sum() < tolerance
+    assert (expected > 0).sum() > 3  # the check is not about a near-deterministic token
+    for g in outs[:20]:
+        assert g.logprobs == pytest.approx([torch.log(expected[g.token_ids[0]]).item()], abs=1e-5)

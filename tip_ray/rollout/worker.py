@@ -6,8 +6,6 @@ the weight version that produced it, so the driver can bound and log staleness.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
 from tip_ray.config import RolloutConfig
@@ -48,10 +46,10 @@ class RolloutWorker:
         """``cfg.n`` samples per prompt (``prompt_ids`` [N][len_i]) with the current weights, stamped
         with their version; ``sampling`` replaces the config's sampling (e.g. greedy for evaluation).
 
-        ``seeds`` [N], one per prompt: the vLLM engine samples each prompt with its own seed, so a
-        prompt's samples do not depend on how the prompts were sharded over actors. The hf engine
-        samples a whole call from one generator, seeded with the first prompt's seed: its samples
-        do depend on the sharding. None: one seed per call from the worker's seed and call count.
+        ``seeds`` [N], one per prompt: both engines sample each prompt with its own seed (vLLM per
+        request, the hf engine per sample: ``tip_ray.rollout.hf``), so a prompt's samples do not
+        depend on how the prompts were sharded over actors. None: every prompt of the call uses one
+        seed from the worker's seed and call count.
         """
         self._calls += 1
         if seeds is not None and len(seeds) != len(prompt_ids):
@@ -60,11 +58,7 @@ class RolloutWorker:
             sampling = SamplingSettings(max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
                                         top_p=self.cfg.top_p, n=self.cfg.n, seed=self._seed * 100_003 + self._calls,
                                         logprobs=self.cfg.logprobs)
-        if self.cfg.engine == "vllm":
-            generations = self.engine.generate(prompt_ids, sampling, seeds)
-        else:
-            call_seed = seeds[0] if seeds else sampling.seed
-            generations = self.engine.generate(prompt_ids, replace(sampling, seed=call_seed))
+        generations = self.engine.generate(prompt_ids, sampling, seeds)
         return RolloutBatch(tuple(tuple(p) for p in prompt_ids), tuple(generations), self._version)
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> None:
