@@ -11,10 +11,16 @@ import threading
 import pytest
 
 from tip_ray.data.grading import (
+    CHECKERS,
     GRADERS,
+    Verdict,
     accuracy_with_ci,
+    check_exact,
+    check_math,
     extract_boxed,
+    get_checker,
     get_grader,
+    grade_all,
     grade_exact,
     grade_math,
     mean_at_k,
@@ -137,6 +143,45 @@ def test_grade_math_works_from_another_thread():
     assert results == [[True, False, True]]
 
 
+# --- grading failures are counted, not read as wrong answers ---------------------------------
+
+
+def test_check_math_says_why_a_grading_failed():
+    assert check_math(r"\boxed{0.5}", r"\frac12") == Verdict(True)
+    assert check_math(r"\boxed{3}", "4") == Verdict(False)  # a wrong answer is not an error
+    assert check_math("no answer at all", "4") == Verdict(False)  # nothing to parse: not an error either
+    assert check_math(r"\boxed{10^{10^{10^{10}}}}", "10", timeout_s=1) == Verdict(False, "timeout")
+    assert check_math(r"\boxed{3}", "") == Verdict(False, "gold unparsable")
+
+
+def test_a_comparison_that_raises_is_an_error_unless_another_pair_matches(monkeypatch):
+    import math_verify
+
+    real = math_verify.verify
+
+    def flaky(gold, target, **kwargs):
+        if isinstance(target, str):  # math-verify's string form of each parse
+            raise RuntimeError("comparison broke\nsecond line")
+        return real(gold, target, **kwargs)
+
+    monkeypatch.setattr(math_verify, "verify", flaky)
+    assert check_math(r"\boxed{7}", "7") == Verdict(True)  # the sympy pair still matches
+    verdict = check_math(r"\boxed{8}", "7")
+    assert verdict == Verdict(False, "RuntimeError: comparison broke")
+    assert grade_math(r"\boxed{8}", "7") is False
+
+
+def test_grade_all_counts_failures_and_skips_ungraded_samples():
+    grades = grade_all([r"\boxed{2}", r"\boxed{3}", "whatever", r"\boxed{10^{10^{10^{10}}}}", r"\boxed{1}"],
+                       ["2", "2", None, "10", ""], "math")
+    assert grades.correct == (True, False, None, False, False)
+    assert grades.errors == 2 and grades.reasons == {"timeout": 1, "gold unparsable": 1}
+    exact = grade_all(["Answer: 3", "Answer: 4"], ["3", "3"], "exact")
+    assert (exact.correct, exact.errors, exact.reasons) == ((True, False), 0, {})
+    with pytest.raises(ValueError, match="2 responses for 1 answers"):
+        grade_all(["a", "b"], ["a"], "exact")
+
+
 # --- grade_exact ------------------------------------------------------------------------------
 
 
@@ -164,6 +209,9 @@ def test_grade_exact_custom_patterns():
 def test_registry():
     assert GRADERS == {"math": grade_math, "exact": grade_exact}
     assert get_grader("math") is grade_math and get_grader("exact") is grade_exact
+    assert CHECKERS == {"math": check_math, "exact": check_exact} and get_checker("math") is check_math
+    with pytest.raises(ValueError, match=r"unknown grader 'maths'"):
+        get_checker("maths")
     with pytest.raises(ValueError, match=r"unknown grader 'maths'.*\['exact', 'math'\]"):
         get_grader("maths")
 

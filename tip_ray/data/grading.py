@@ -5,6 +5,11 @@ Graders are ``(response, answer) -> bool`` functions, registered by name in ``GR
 - ``math``: mathematical equivalence through math-verify (``grade_math``);
 - ``exact``: the last ``Answer: ...`` line, compared as a stripped string (``grade_exact``).
 
+A grader that fails (math-verify raising or timing out, a gold answer it cannot parse) counts the
+sample as incorrect; ``CHECKERS`` holds the same graders returning a ``Verdict`` that says so, and
+``grade_all`` grades a list and counts the failures (``Grades.errors``: what an evaluation
+reports as ``grader_errors``, so that a broken grader is not read as a weak model).
+
 Metrics take per-prompt lists of per-sample correctness: ``pass_at_1``/``mean_at_k`` (mean over
 prompts of the mean over samples), ``pass_at_k`` (the unbiased estimator for one prompt) and
 ``mean_pass_at_k`` (its mean over prompts), and ``accuracy_with_ci`` (Wilson score interval).
@@ -17,12 +22,27 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from statistics import NormalDist
 from typing import Any
 
 Grader = Callable[[str, str], bool]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One graded sample: whether it is correct, and why grading failed when it did (``error``:
+    a short reason such as ``"timeout"``, ``"gold unparsable"`` or ``"ValueError: ..."``; None
+    when the grader ran). A failed grading is never correct."""
+
+    correct: bool
+    error: str | None = None
+
+
+Checker = Callable[[str, str], Verdict]
 
 DEFAULT_TIMEOUT_S = 5
 """Seconds math-verify may spend parsing one string and comparing one pair (main thread only)."""
@@ -53,14 +73,24 @@ def extract_boxed(text: str) -> str | None:
 
 
 def grade_math(response: str, answer: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> bool:
-    r"""Whether ``response`` states an answer mathematically equivalent to ``answer``.
+    r"""Whether ``response`` states an answer mathematically equivalent to ``answer``
+    (``check_math(...).correct``: a grading failure counts as incorrect)."""
+    return check_math(response, answer, timeout_s).correct
+
+
+def check_math(response: str, answer: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> Verdict:
+    r"""Whether ``response`` states an answer mathematically equivalent to ``answer``, and whether
+    grading failed.
 
     The gold is parsed by ``math_verify.parse`` from ``\boxed{answer}`` (or from ``answer`` as it is
     when it already holds a ``\boxed``); the prediction is parsed from the whole response, ``\fbox``
     read as ``\boxed``. math-verify prefers the last boxed answer, reads boxes close together
     (``\boxed{1}, \boxed{2}``) as one multi-part answer, and without any box falls back to the last
-    plain expression. The two are compared by ``math_verify.verify``. Any exception, timeout or
-    unparsable side counts as incorrect.
+    plain expression. Every (gold, prediction) pair of parses is compared by ``math_verify.verify``;
+    one that matches makes the sample correct. A response with nothing to parse is incorrect, not
+    an error. Errors (``Verdict.error``, the sample then incorrect): the gold answer parses to
+    nothing, or math-verify raises or times out while parsing either side, or while comparing
+    and no other pair matched.
 
     Timeouts: math-verify bounds each parse and each comparison with ``signal.alarm``, which works
     only in a process's main thread (elsewhere math-verify raises). In the main thread ``timeout_s``
@@ -76,24 +106,46 @@ def grade_math(response: str, answer: str, timeout_s: int | None = DEFAULT_TIMEO
     timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
     try:
         gold = _parse_gold(answer, timeout)
-        if not gold:
-            return False
+    except (Exception, TimeoutException) as exc:
+        return Verdict(False, f"gold: {_reason(exc)}")
+    if not gold:
+        return Verdict(False, "gold unparsable")
+    try:
         # math-verify's extraction anchors on \boxed only; \fbox is the same box.
-        prediction = parse(response.replace("\\fbox{", "\\boxed{"), parsing_timeout=timeout)  # type: ignore[arg-type]
-        if not prediction:
-            return False
-        return bool(verify(list(gold), prediction, timeout_seconds=timeout))
-    except (Exception, TimeoutException):
-        return False
+        prediction = parse(response.replace("\\fbox{", "\\boxed{"), parsing_timeout=timeout,  # type: ignore[arg-type]
+                           raise_on_error=True)
+    except (Exception, TimeoutException) as exc:
+        return Verdict(False, _reason(exc))
+    failure = None
+    # Pair by pair (what verify does inside), so that a failing pair is seen and does not hide a match.
+    for g in gold:
+        for p in prediction:
+            try:
+                if verify(g, p, timeout_seconds=timeout, raise_on_error=True):
+                    return Verdict(True)
+            except (Exception, TimeoutException) as exc:
+                failure = failure or _reason(exc)
+    return Verdict(False, failure)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a grading failure: ``timeout``, or the exception's type and message."""
+    from math_verify.errors import TimeoutException
+
+    if isinstance(exc, TimeoutException):
+        return "timeout"
+    message = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 @lru_cache(maxsize=4096)
 def _parse_gold(answer: str, timeout: int | None) -> tuple[Any, ...]:
-    """Parsed gold answer, cached: every sample of a prompt is graded against the same answer."""
+    """Parsed gold answer, cached: every sample of a prompt is graded against the same answer.
+    Raises what math-verify raises (a failure is not cached)."""
     from math_verify import parse
 
     source = answer if "\\boxed" in answer else "\\boxed{" + answer + "}"
-    return tuple(parse(source, parsing_timeout=timeout))  # type: ignore[arg-type]
+    return tuple(parse(source, parsing_timeout=timeout, raise_on_error=True))  # type: ignore[arg-type]
 
 
 def grade_exact(response: str, answer: str, pattern: str = r"Answer:\s*(\S+)") -> bool:
@@ -110,7 +162,13 @@ def grade_exact(response: str, answer: str, pattern: str = r"Answer:\s*(\S+)") -
     return found is not None and found.strip() == answer.strip()
 
 
+def check_exact(response: str, answer: str) -> Verdict:
+    """``grade_exact`` as a ``Verdict`` (string matching never fails)."""
+    return Verdict(grade_exact(response, answer))
+
+
 GRADERS: dict[str, Grader] = {"math": grade_math, "exact": grade_exact}
+CHECKERS: dict[str, Checker] = {"math": check_math, "exact": check_exact}
 
 
 def get_grader(name: str) -> Grader:
@@ -119,6 +177,47 @@ def get_grader(name: str) -> Grader:
         return GRADERS[name]
     except KeyError:
         raise ValueError(f"unknown grader {name!r}; known graders: {sorted(GRADERS)}") from None
+
+
+def get_checker(name: str) -> Checker:
+    """The grader ``name`` returning a ``Verdict`` (``CHECKERS``); ``ValueError`` listing the known names otherwise."""
+    try:
+        return CHECKERS[name]
+    except KeyError:
+        raise ValueError(f"unknown grader {name!r}; known graders: {sorted(CHECKERS)}") from None
+
+
+@dataclass(frozen=True)
+class Grades:
+    """A list of samples graded together (``grade_all``).
+
+    ``correct`` [samples]: True/False, or None where the sample had no answer (not graded).
+    ``errors``: how many graded samples the grader failed on (each counted incorrect);
+    ``reasons``: how many failed for each reason (``Verdict.error``).
+    """
+
+    correct: tuple[bool | None, ...]
+    errors: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def grade_all(texts: Sequence[str], answers: Sequence[str | None], grader: str) -> Grades:
+    """Grade ``texts[i]`` against ``answers[i]`` with grader ``grader`` (None answers are not
+    graded) and count the grader's failures."""
+    if len(texts) != len(answers):
+        raise ValueError(f"{len(texts)} responses for {len(answers)} answers")
+    check = get_checker(grader)
+    correct: list[bool | None] = []
+    reasons: Counter[str] = Counter()
+    for text, answer in zip(texts, answers):
+        if answer is None:
+            correct.append(None)
+            continue
+        verdict = check(text, answer)
+        correct.append(verdict.correct)
+        if verdict.error is not None:
+            reasons[verdict.error] += 1
+    return Grades(tuple(correct), sum(reasons.values()), dict(reasons))
 
 
 # ---------------------------------------------------------------------------------------------
