@@ -229,3 +229,59 @@ def test_the_metrics_log_is_cut_back_to_the_checkpoint_step(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": s}) + "\n" for s in range(6)) + '{"step": 6, "lo')
     assert truncate_after(path, 3) == 3
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def save_hf(store: CheckpointStore, step: int) -> None:
+    tmp = store.begin(step, hf=True)
+    (tmp / "model.safetensors").write_bytes(b"export")
+    store.finish_hf(tmp, step)
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):
+    # Steps 2, 4, 6 saved; the run goes back to 2. Left in place, step 4 would be replaced by
+    # the new run's step 4, step 6 kept beside it, and `auto` would later pick the old step 6.
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=3)
+    for step in (2, 4, 6):
+        save(store, step, payload=f"w{step}".encode())
+        save_hf(store, step)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 7)))
+    with caplog.at_level("WARNING", logger="tip_ray.state.resume"):
+        point = find_resume_point(str(store.root / step_name(2)), store, tmp_path, {})
+    assert point.step == 2 and point.path == store.root / step_name(2)
+    aside = point.set_aside
+    assert aside.parent == store.root / "superseded" and aside.name.endswith(f"-from-{step_name(2)}")
+    # Moved, not deleted: every file is there, and the abandoned branch's metric lines too.
+    assert sorted(p.name for p in aside.iterdir()) == ["hf", "metrics.jsonl", step_name(4), step_name(6)]
+    assert (aside / step_name(6) / "learner" / "shard.pt").read_bytes() == b"w6"
+    assert sorted(p.name for p in (aside / "hf").iterdir()) == [step_name(4), step_name(6)]
+    assert len((aside / "metrics.jsonl").read_text().splitlines()) == 6
+    # The store now holds only the resumed point and its export; the moved ones are never read.
+    assert store.latest().step == 2 and store.incomplete() == []
+    assert sorted(p.name for p in (store.root / "hf").iterdir()) == [step_name(2)]
+    assert f"goes back to step 2, but {store.root} held later checkpoints" in caplog.text
+    assert step_name(4) in caplog.text and str(aside) in caplog.text
+    save(store, 4, payload=b"new4")  # the resumed run's own step 4 does not meet the old one
+    assert (store.latest().learner_dir / "shard.pt").read_bytes() == b"new4"
+
+
+def test_resuming_the_newest_or_by_auto_moves_nothing(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=3)
+    for step in (2, 4):
+        save(store, step)
+    assert find_resume_point(str(store.root / step_name(4)), store, tmp_path, {}).set_aside is None
+    assert find_resume_point("auto", store, tmp_path, {}).set_aside is None
+    assert not (store.root / "superseded").exists()
+
+
+def test_a_checkpoint_from_elsewhere_sets_aside_this_stores_own_of_its_step_and_later(tmp_path):
+    # Resuming another directory's step 4 into a store holding 2, 4 and 6: this store's 4 and 6
+    # would be picked up by a later `auto` in place of the resumed run's.
+    elsewhere = CheckpointStore(tmp_path / "other")
+    save(elsewhere, 4, payload=b"theirs")
+    store = CheckpointStore(tmp_path / "ckpt", keep_last=3)
+    for step in (2, 4, 6):
+        save(store, step)
+    point = find_resume_point(str(elsewhere.root / step_name(4)), store, tmp_path, {})
+    assert point.path == elsewhere.root / step_name(4)
+    assert sorted(p.name for p in point.set_aside.iterdir()) == [step_name(4), step_name(6)]
+    assert store.latest().step == 2 and elsewhere.latest().step == 4

@@ -8,6 +8,8 @@ Layout under the checkpoint root::
       manifest.json           written last: every file with its size; marks the checkpoint complete
     hf/step_00000040/         Hugging Face export of the student (safetensors + config + tokenizer)
     .tmp-step_00000044-<pid>/ a save in progress (or one a crash interrupted): never read
+    superseded/<time>-from-step_00000020/   checkpoints and exports set aside when a run was
+                              resumed from an earlier checkpoint (``set_aside``): kept, never read
 
 A checkpoint is written into a temporary directory and renamed into place once its manifest is
 on disk, so a reader sees either no checkpoint or a complete one. ``latest`` additionally checks
@@ -27,6 +29,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 DRIVER_STATE = "driver.json"
+SUPERSEDED = "superseded"
 _PREFIX = "step_"
 _TMP = ".tmp-"
 
@@ -43,6 +46,7 @@ class SavedCheckpoint:
     path: Path
     step: int
     driver: dict[str, Any]
+    set_aside: Path | None = None  # where a resume moved the store's later checkpoints (``set_aside``)
 
     @property
     def learner_dir(self) -> Path:
@@ -146,6 +150,32 @@ class CheckpointStore:
                              f"or truncated)")
         driver = json.loads((path / DRIVER_STATE).read_text())
         return SavedCheckpoint(path, int(manifest["step"]), driver)
+
+    def later_than(self, point: SavedCheckpoint) -> list[Path]:
+        """The complete checkpoints of this store a run resumed from ``point`` would mix with its
+        own: those of ``point``'s step or later (but ``point``), and the exports after it."""
+        training = [path for step, path in self._complete(self.root)
+                    if step >= point.step and path.resolve() != point.path.resolve()]
+        return training + [path for step, path in self._complete(self.root / "hf") if step > point.step]
+
+    def set_aside(self, paths: list[Path], point: SavedCheckpoint, metrics: Path | None = None) -> Path:
+        """Move ``paths`` (checkpoints of this store, ``later_than(point)``) into a new
+        ``<root>/superseded/<time>-from-<point's step>/`` (exports under ``hf/``), with a copy of the
+        run's ``metrics`` JSONL when given (the resumed run cuts its lines after the step); returns
+        that directory. Nothing is deleted."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        dest = self.root / SUPERSEDED / f"{stamp}-from-{step_name(point.step)}"
+        while dest.exists():
+            dest = dest.with_name(dest.name + "-" + uuid.uuid4().hex[:4])
+        dest.mkdir(parents=True)
+        for path in paths:
+            target = dest / "hf" / path.name if path.parent.resolve() == (self.root / "hf").resolve() else dest / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+        if metrics is not None and metrics.exists():
+            shutil.copy2(metrics, dest / metrics.name)
+        _fsync_dir(self.root)
+        return dest
 
     def begin(self, step: int, hf: bool = False) -> Path:
         """A fresh temporary directory to write the checkpoint of ``step`` into."""

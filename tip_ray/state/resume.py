@@ -25,15 +25,17 @@ A checkpoint stores the whole resolved config of its run (``driver.json``; else 
 saved config lacks is a setting added to tip_ray after the checkpoint was written
 (``data.chat_template_kwargs`` and ``data.null_answer`` were) or renamed since: it is not compared,
 so a run written by an older tip_ray still resumes (a new setting's default is meant to keep the
-behaviour from before it; resuming such a run with another value goes unchecked). Settings an
-older config holds but the older, hand-written identity did not compare (``learner.ta_k``,
-``teacher.dtype``, ``rollout.dtype``, ``trainer.seed``) are compared like the rest.
+behaviour from before it; resuming such a run with another value goes unchecked). A key only the
+saved config holds is a setting tip_ray no longer has (``trainer.seed``, which nothing read): not
+compared either. Settings an older config holds but the older, hand-written identity did not
+compare (``learner.ta_k``, ``teacher.dtype``, ``rollout.dtype``) are compared like the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from typing import Any
 from tip_ray.config import TrainConfig, is_identity
 from tip_ray.state.checkpoint_store import CheckpointStore, SavedCheckpoint
 
+log = logging.getLogger(__name__)
 _ABSENT = object()  # a key a config does not hold (None is a value: teacher.top_k=null)
 
 
@@ -105,6 +108,12 @@ def find_resume_point(resume: str, store: CheckpointStore, run_dir: Path,
     with or overwritten by the new run) or a checkpoint directory. Resuming needs the config saved
     with the checkpoint (else the run's ``config.json`` in ``run_dir``) to agree with
     ``current_config`` on the ``IDENTITY_KEYS`` both hold; ``ResumeError`` names every key that differs.
+
+    A checkpoint directory older than checkpoints ``store`` holds (the run goes back to step k
+    while steps after k were saved) would have the new run's checkpoints replace, interleave with
+    and be pruned against those others, and ``auto`` later pick whichever is newest: they are
+    moved aside first (``CheckpointStore.set_aside``, with a copy of ``run_dir``'s metrics JSONL),
+    never deleted; the returned checkpoint's ``set_aside`` says where, and a warning names both.
     """
     if resume == "never":
         found = store.latest()
@@ -132,4 +141,11 @@ def find_resume_point(resume: str, store: CheckpointStore, run_dir: Path,
             raise ResumeError(
                 f"{run_dir} holds a run with other settings than this one ({'; '.join(differences)}); resuming it "
                 "would mix two runs. Use another trainer.output_dir, or the saved settings to continue it")
+    later = store.later_than(point) if resume != "auto" else []
+    if later:
+        dest = store.set_aside(later, point, run_dir / "metrics.jsonl")
+        log.warning("checkpoint.resume=%s goes back to step %d, but %s held later checkpoints (%s): moved to %s so "
+                    "that this run's checkpoints do not mix with them", resume, point.step, store.root,
+                    ", ".join(str(p.relative_to(store.root)) for p in later), dest)
+        point = dataclasses.replace(point, set_aside=dest)
     return point
