@@ -6,11 +6,21 @@ import json
 import math
 
 import pytest
+import torch
 
-from tip_ray.experiments.claims import check_claims
-from tip_ray.experiments.provenance import reproduce_commands
+from tip_ray.experiments.claims import check_claims, noise_text
+from tip_ray.experiments.provenance import reproduce_commands, setup_text
 from tip_ray.experiments.report import collapse_notes, curve_table, end_state_table, main, results_table, write_report
-from tip_ray.experiments.scores import ReportError, choose_metric, collect_runs, load_run, summarize
+from tip_ray.experiments.scores import (
+    METRICS,
+    ReportError,
+    choose_metric,
+    collect_runs,
+    load_run,
+    shown_metrics,
+    summarize,
+)
+from tip_ray.tip.rocks import build_rock_set, save_rock_set
 
 
 def write_run(root, arm, seed, rule, ratio, after, *, before=0.2, mid=0.5, kept=(100, 100), valid=(100, 100),
@@ -321,3 +331,100 @@ def test_a_run_with_neither_accuracy_nor_kl_is_an_error(tmp_path):
                                                   "eval_before": {"eval/graded": 0}, "eval_after": {}}))
     with pytest.raises(ReportError, match="neither held-out accuracy nor held-out reverse KL"):
         load_run(run)
+
+
+def edit_configs(root, **changes):
+    """Set dotted keys (``loss__normalization=...``: ``loss.normalization``) in every run's config.json;
+    a callable value gets the run directory."""
+    for run in root.glob("*/seed*"):
+        config = json.loads((run / "config.json").read_text())
+        for key, value in changes.items():
+            *parents, last = key.split("__")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value(run) if callable(value) else value
+        (run / "config.json").write_text(json.dumps(config))
+
+
+def setup_lines(root):
+    """The setup bullets of the page written from the runs under ``root``."""
+    records = collect_runs(root)
+    return setup_text(records, shown_metrics(summarize(records)))
+
+
+def test_the_setup_states_the_loss_normalisation_the_runs_used(sweep):
+    assert setup_lines(sweep)[0].endswith("loss `rkl`.")  # not recorded: nothing is claimed
+    edit_configs(sweep, loss__normalization="kept")
+    assert setup_lines(sweep)[0].endswith("loss `rkl` normalised over kept tokens.")
+    edit_configs(sweep, loss__normalization="valid")
+    assert setup_lines(sweep)[0].endswith("loss `rkl` normalised over all valid response tokens.")
+
+
+def test_a_setting_that_differs_between_runs_is_shown_with_every_value(sweep):
+    edit_configs(sweep, learner__lr=lambda run: 1e-4 if run.parent.name == "all_100" else 3e-4)
+    assert "lr 0.0001 or 0.0003 (by run)," in setup_lines(sweep)[0]
+
+
+def test_the_seed_sentence_names_only_the_seeds_each_run_set(sweep):
+    assert "- Seeds [0, 1, 2]." in setup_lines(sweep)  # these configs hold no seeds
+    seed = lambda run: int(run.name[4:])  # noqa: E731
+    edit_configs(sweep, data__seed=seed, learner__seed=seed, trainer__seed=seed)
+    assert ("- Seeds [0, 1, 2]: seed k sets data.seed, learner.seed and trainer.seed to k "
+            "(prompt order, learner initialisation).") in setup_lines(sweep)
+
+
+def test_evaluations_without_eval_every_are_before_and_after_training(sweep):
+    edit_configs(sweep, trainer__eval_every=0)
+    assert ("- Held-out: greedy accuracy on 10 problems of `test.jsonl`, before training and after the last "
+            "step.") in setup_lines(sweep)
+
+
+def test_the_machine_is_named_only_when_the_sweep_recorded_it(sweep, tmp_path):
+    text = write_report(sweep, tmp_path / "a" / "results.md").read_text()
+    assert "Wall time: the whole `tip-ray train` process, evaluations and start-up included.\n" in text
+    assert "core machine" not in text
+    for path in sweep.glob("*/seed*/sweep_run.json"):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "machine": {"cpus": 16}}))
+    text = write_report(sweep, tmp_path / "b" / "results.md").read_text()
+    assert "evaluations and start-up included, on a 16-core machine." in text
+
+
+def test_the_seed_noise_is_measured_on_the_arms(sweep):
+    text = noise_text(summarize(collect_runs(sweep)), METRICS["accuracy"])
+    # only all_100 and soft_or_50 have a spread: 2 * sqrt(0.01/3 + 0.005/2) = 0.153
+    assert text.endswith("with three seeds, twice that standard error is 15.3 pp here (over the pairs of arms).")
+
+
+def rock_sweep(tmp_path, vocab_size, params):
+    """A one-run rock_freeze sweep with a rock file built from a vocabulary of ``vocab_size``."""
+    rocks = save_rock_set(build_rock_set(torch.tensor([1, 2, 2, 3, 3, 3, 4]), torch.ones(7), num_rocks=2,
+                                         drop_most_frequent=1,
+                                         provenance={"num_rollouts": 4, "distinct_ids_seen": 4,
+                                                     "vocab_size": vocab_size}),
+                          tmp_path / "rocks.json")
+    root = tmp_path / "sweep"
+    write_run(root, "rock_freeze", 0, "rock_freeze", None, 0.5)
+    edit_configs(root, selection__rock_file=str(rocks), selection__params=params)
+    return root
+
+
+def test_the_rock_bullet_states_the_weight_and_the_papers_sizes_only_where_they_apply(tmp_path):
+    (small,) = [line for line in setup_lines(rock_sweep(tmp_path / "a", 128, {})) if "rock_freeze" in line]
+    assert "holds 2 rocks (λ = 0: frozen)" in small and "the paper's 100 rocks / 5 dropped would be most" in small
+    (large,) = [line for line in setup_lines(rock_sweep(tmp_path / "b", 49152, {"lam": 0.25}))
+                if "rock_freeze" in line]
+    assert "holds 2 rocks (λ = 0.25: weighted down)" in large and "paper" not in large
+
+
+def test_a_pair_manifest_is_used_only_for_the_models_it_describes(sweep):
+    pair = sweep.parent / "pair"
+    (pair / "student").mkdir(parents=True)
+    (pair / "teacher").mkdir()
+    model = {"num_hidden_layers": 2, "parameters": 1_000_000, "vocab_size": 300, "dtype": "float32"}
+    (pair / "manifest.json").write_text(json.dumps({"pair": "tiny", "teacher": {**model, "path": "teacher"},
+                                                    "student": {**model, "path": "student"}}))
+    edit_configs(sweep, student=str(pair / "student"), teacher__model=str(pair / "teacher"))
+    assert any(line.startswith("- Pair `tiny`") and "1.00M parameters" in line for line in setup_lines(sweep))
+    edit_configs(sweep, teacher__model=str(sweep.parent / "elsewhere"))
+    assert not any(line.startswith("- Pair") for line in setup_lines(sweep))

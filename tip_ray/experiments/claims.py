@@ -102,13 +102,30 @@ def claims_table(claims: Sequence[Claim], label: str = "embedded") -> str:
 _COUNTS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
+def _noise_floor(summaries: Sequence[ArmSummary], metric: Metric) -> str | None:
+    """Twice the standard error of a difference between two arms with a spread, over the pairs
+    of such arms: the smallest and largest (None with fewer than two such arms)."""
+    spread = [s for s in summaries if s.scores[metric.name].std is not None]
+    floors = [2 * _diff(a, b, metric.name)[1] for i, a in enumerate(spread) for b in spread[i + 1:]]
+    if not floors:
+        return None
+    low, high = metric.show_delta(min(floors)), metric.show_delta(max(floors))
+    return low if low == high else f"{low} to {high}"
+
+
 def noise_text(summaries: Sequence[ArmSummary], metric: Metric) -> str:
-    """How a difference is judged against the seed noise, and on which metric."""
+    """How a difference is judged against the seed noise, how large that noise is here, and on
+    which metric."""
     n = max(s.n for s in summaries)
+    floor = _noise_floor(summaries, metric)
+    if n == 1:
+        noise = "with one seed per arm there is no spread to judge by."
+    else:
+        noise = f"with {_COUNTS[n] if n < len(_COUNTS) else n} seeds, " + (
+            f"twice that standard error is {floor} here (over the pairs of arms)." if floor
+            else "fewer than two arms have a spread to judge by.")
     text = ("A difference counts as beyond seed noise when it exceeds twice its standard error "
-            "(sqrt(std_a²/n_a + std_b²/n_b) over seeds); "
-            + (f"with {_COUNTS[n] if n < len(_COUNTS) else n} seeds, {metric.noise_hint}." if n > 1
-               else "with one seed per arm there is no spread to judge by."))
+            "(sqrt(std_a²/n_a + std_b²/n_b) over seeds); " + noise)
     if metric is not ACCURACY:
         text += (" The papers' numbers are accuracies; here every claim is judged on the final "
                  f"{metric.short} ({'higher' if metric.higher_is_better else 'lower'} is better).")

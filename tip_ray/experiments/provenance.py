@@ -42,6 +42,20 @@ def _manifest(records: Sequence[RunRecord]) -> dict[str, Any]:
     return _student_json(records, "manifest.json", beside=True)
 
 
+def _manifest_model(records: Sequence[RunRecord], role: str) -> dict[str, Any]:
+    """The manifest's entry for ``role`` (``student`` or ``teacher``) if it describes the model
+    the runs' config names for that role, else {} (a manifest beside the student says nothing
+    about a teacher taken from elsewhere)."""
+    manifest = _manifest(records)
+    entry = manifest.get(role) or {}
+    cfg = records[0].config
+    used = cfg.get("student") if role == "student" else cfg.get("teacher", {}).get("model")
+    if not entry.get("path") or not used:
+        return {}
+    folder = _model_path(records, cfg["student"]).parent
+    return entry if (folder / entry["path"]).resolve() == _model_path(records, used).resolve() else {}
+
+
 def pair_name(records: Sequence[RunRecord]) -> str | None:
     """``embedded`` for the embedded default student, else the sweep's ``pair=`` override, else the
     manifest's pair (None if none of these)."""
@@ -66,18 +80,20 @@ def _parameters(n: int) -> str:
     return f"{millions:.2f}M" if millions < 10 else f"{millions:.0f}M"
 
 
-def _pair_text(manifest: dict[str, Any]) -> str | None:
-    """The pair's models from a ``prepare-pair`` manifest (None for another manifest)."""
-    if not manifest.get("pair"):
+def _pair_text(records: Sequence[RunRecord]) -> str | None:
+    """The pair's models from the ``prepare-pair`` manifest beside the student (None without a
+    pair manifest, or when the runs' teacher or student is not the manifest's)."""
+    pair = _manifest(records).get("pair")
+    t, s = _manifest_model(records, "teacher"), _manifest_model(records, "student")
+    if not pair or not t or not s:
         return None
-    t, s = manifest.get("teacher", {}), manifest.get("student", {})
 
     def size(model: dict[str, Any]) -> str:
         params = model.get("parameters")
         return f"{model.get('num_hidden_layers')} layers" + (f", {_parameters(params)} parameters" if params else "")
 
     kept = s.get("kept_layers")
-    text = f"- Pair `{manifest['pair']}` (`tip-ray prepare-pair {manifest['pair']}`): teacher {size(t)}; student {size(s)}"
+    text = f"- Pair `{pair}` (`tip-ray prepare-pair {pair}`): teacher {size(t)}; student {size(s)}"
     text += f", the teacher's layers {', '.join(map(str, kept))}" if kept else ""
     vocab = s.get("vocab_size")
     return text + (f"; a shared vocabulary of {vocab:,}" if vocab else "") + f"; {s.get('dtype', t.get('dtype'))}."
@@ -89,32 +105,78 @@ def rock_file(records: Sequence[RunRecord]) -> str | None:
                  if r.config.get("selection", {}).get("rock_file")), None)
 
 
+# What each seed the sweep sets decides (older sweeps also set trainer.seed, which decides nothing).
+SEED_MEANINGS = {"data.seed": "prompt order", "rollout.seed": "rollout sampling",
+                 "selection.seed": "sampled selection rules", "learner.seed": "learner initialisation",
+                 "trainer.seed": None}
+# How the loss is averaged, per ``loss.normalization``.
+NORMALIZATIONS = {"kept": "normalised over kept tokens", "valid": "normalised over all valid response tokens"}
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    """The value of a dotted ``key`` in a resolved config (None if absent)."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def _setting(records: Sequence[RunRecord], key: str) -> str:
+    """A setting of the runs' configs as text: its value when every run has the same one, else
+    every value the runs used."""
+    values = list(dict.fromkeys(str(_lookup(r.config, key)) for r in records))
+    return values[0] if len(values) == 1 else f"{' or '.join(values)} (by run)"
+
+
+def _training_text(records: Sequence[RunRecord]) -> str:
+    """The models, the rollouts and the learner of the runs."""
+
+    def get(key: str) -> str:
+        return _setting(records, key)
+
+    norms = {_lookup(r.config, "loss.normalization") for r in records}
+    norm = NORMALIZATIONS.get(norms.pop()) if len(norms) == 1 else None
+    return (f"- Student `{get('student')}`, teacher `{get('teacher.model')}`; {get('trainer.steps')} steps x "
+            f"{get('trainer.prompts_per_step')} prompts x {get('rollout.n')} rollout(s) per run (temperature "
+            f"{get('rollout.temperature')}, at most {get('rollout.max_new_tokens')} new tokens), learner: "
+            f"{get('learner.world_size')} ranks, ZeRO-{get('learner.zero_stage')}, lr {get('learner.lr')}, "
+            f"loss `{get('loss.kind')}`" + (f" {norm}." if norm else "."))
+
+
+def _held_out_text(records: Sequence[RunRecord], metrics: Sequence[Metric]) -> str:
+    """What the held-out evaluation measured, on what, and when."""
+    cfg = records[0].config
+    limit = "all the" if _lookup(cfg, "eval_data.limit") is None else _setting(records, "eval_data.limit")
+    every = _setting(records, "trainer.eval_every")
+    when = f"before training, every {every} steps and" if _lookup(cfg, "trainer.eval_every") else "before training and"
+    return (f"- Held-out: {_join([m.setup for m in metrics])} on {limit} problems of "
+            f"`{_setting(records, 'eval_data.path')}`, {when} after the last step.")
+
+
+def _seeds_text(records: Sequence[RunRecord]) -> str:
+    """The seeds, and which seeded settings each run set to its seed (from its config)."""
+    seeds = sorted({r.seed for r in records})
+    keys = [k for k in SEED_MEANINGS if all(_lookup(r.config, k) == r.seed for r in records)]
+    if not keys:
+        return f"- Seeds {seeds}."
+    meanings = [SEED_MEANINGS[k] for k in keys if SEED_MEANINGS[k]]
+    return (f"- Seeds {seeds}: seed k sets {_join(keys)} to k" + (f" ({', '.join(meanings)})" if meanings else "")
+            + ".")
+
+
 def setup_text(records: Sequence[RunRecord], metrics: Sequence[Metric]) -> list[str]:
     """The setup section's bullets: models and training, the pair, the held-out evaluation on
     ``metrics``, the seeds, the runs, and the rock set if an arm used one."""
-    cfg = records[0].config
-    trainer, rollout, learner = cfg.get("trainer", {}), cfg.get("rollout", {}), cfg.get("learner", {})
-    eval_data = cfg.get("eval_data", {})
-    limit = eval_data.get("limit")
-    seeds = sorted({r.seed for r in records})
-    pair = _pair_text(_manifest(records))
+    pair = _pair_text(records)
     lines = [
-        f"- Student `{cfg.get('student')}`, teacher `{cfg.get('teacher', {}).get('model')}`; "
-        f"{trainer.get('steps')} steps x {trainer.get('prompts_per_step')} prompts x {rollout.get('n')} rollout(s) "
-        f"per run (temperature {rollout.get('temperature')}, at most {rollout.get('max_new_tokens')} new tokens), "
-        f"learner: {learner.get('world_size')} ranks, ZeRO-{learner.get('zero_stage')}, lr {learner.get('lr')}, "
-        f"loss `{cfg.get('loss', {}).get('kind')}` normalised over kept tokens.",
+        _training_text(records),
         *([pair] if pair else []),
-        f"- Held-out: {_join([m.setup for m in metrics])} on {'all the' if limit is None else limit} problems of "
-        f"`{eval_data.get('path')}`, before training, every {trainer.get('eval_every')} steps and "
-        "after the last step.",
-        f"- Seeds {seeds}: seed k sets data.seed, rollout.seed, selection.seed, learner.seed and trainer.seed to k "
-        "(prompt order, rollout sampling, sampled selection rules, learner initialisation).",
+        _held_out_text(records, metrics),
+        _seeds_text(records),
         f"- {len(records)} finished runs in {len({r.arm for r in records})} arms.",
     ]
     rocks = rock_file(records)
     if rocks:
-        lines.append(_rock_text(rocks, _shown_path(rocks, _sweep_cwd(records))))
+        lines.append(_rock_text(records, rocks, _shown_path(rocks, _sweep_cwd(records))))
     return lines
 
 
@@ -141,12 +203,20 @@ def memory_text(records: Sequence[RunRecord], summaries: Sequence[ArmSummary]) -
                    f"tokens take {logits_mb:.0f} MB; see `make bench` for how selection changes the peak).")
 
 
+def wall_time_text(records: Sequence[RunRecord]) -> str:
+    """What the wall-time column measures, and on what machine (the CPU count ``tip-ray sweep``
+    recorded, when every run recorded the same)."""
+    cpus = {r.machine.get("cpus") for r in records}
+    where = f", on a {cpus.pop()}-core machine" if len(cpus) == 1 and None not in cpus else ""
+    return f"Wall time: the whole `tip-ray train` process, evaluations and start-up included{where}."
+
+
 def scale_caveat(records: Sequence[RunRecord], summaries: Sequence[ArmSummary]) -> str:
     """How far the sweep's models, task and response lengths are from the papers'."""
-    cfg, manifest = records[0].config, _manifest(records)
+    cfg = records[0].config
 
     def model(role: str, path: Any) -> str:
-        params = manifest.get(role, {}).get("parameters")
+        params = _manifest_model(records, role).get("parameters")
         return f"a {_parameters(params)}-parameter {role}" if params else f"the {role} `{path}`"
 
     task = ("column arithmetic" if pair_name(records) == "embedded"
@@ -177,19 +247,31 @@ def _shown_path(path: str, cwd: Path | None) -> str:
     return path
 
 
-def _rock_text(rock_file: str, shown: str) -> str:
+PAPER_ROCKS = (100, 5)  # the paper's rock set: 100 rocks after dropping the 5 most frequent ids
+
+
+def _rock_text(records: Sequence[RunRecord], rock_file: str, shown: str) -> str:
+    """The rock set's bullet: its size and weight, how it was built, and its share of the tokens."""
     from tip_ray.tip.rocks import RockFileError, load_rock_set
+    from tip_ray.tip.select import get_rule
 
     try:
         rocks = load_rock_set(rock_file)
     except RockFileError as exc:
         return f"- rock_freeze: {exc}"
     p = rocks.provenance
-    return (f"- rock_freeze: `{shown}` holds {len(rocks.token_ids)} rocks (λ = 0: frozen), built by "
+    user = next(r for r in records if r.config.get("selection", {}).get("rock_file") == rock_file)
+    lam = {**get_rule("rock_freeze").defaults, **user.config["selection"].get("params", {})}["lam"]
+    weight = "λ = 0: frozen" if lam == 0 else f"λ = {lam:g}: weighted down"
+    vocab = p.get("vocab_size")
+    small = vocab and sum(PAPER_ROCKS) > vocab / 2
+    return (f"- rock_freeze: `{shown}` holds {len(rocks.token_ids)} rocks ({weight}), built by "
             f"`tip-ray rocks` from {p.get('num_rollouts')} student rollouts ({rocks.num_tokens} tokens, "
-            f"{p.get('distinct_ids_seen')} distinct ids of the vocabulary of {p.get('vocab_size')}) after dropping the "
-            f"{len(rocks.dropped_ids)} most frequent ids; the paper's 100 rocks / 5 dropped would be most of this "
-            f"vocabulary. The rocks are {100 * sum(rocks.frequency):.1f}% of the sampled tokens.")
+            f"{p.get('distinct_ids_seen')} distinct ids of the vocabulary of {vocab}) after dropping the "
+            f"{len(rocks.dropped_ids)} most frequent ids"
+            + ("; the paper's {} rocks / {} dropped would be most of this vocabulary".format(*PAPER_ROCKS) if small
+               else "")
+            + f". The rocks are {100 * sum(rocks.frequency):.1f}% of the sampled tokens.")
 
 
 def _prepare_command(records: Sequence[RunRecord]) -> str | None:

@@ -20,6 +20,7 @@ from tip_ray.experiments.provenance import (
     scale_caveat,
     setup_text,
     title,
+    wall_time_text,
 )
 from tip_ray.experiments.scores import (
     METRICS,
@@ -100,9 +101,7 @@ def _results_section(summaries: Sequence[ArmSummary], records: Sequence[RunRecor
         "",
         "Tokens trained: kept tokens summed over all steps (mean over seeds); kept: mean kept fraction. "
         + "".join(f"{m.recovered_text} " for m in metrics if m.recovered_text)
-        + memory_text(records, summaries)
-        + " Wall time: the whole `tip-ray train` process, evaluations and start-up included, on a "
-        "shared 2-core machine.",
+        + memory_text(records, summaries) + " " + wall_time_text(records),
         "",
         *(line for m in metrics for line in _metric_section(summaries, m, figures[m.name])),
         "The student at the end of training (mean over the last tenth of the steps and over seeds; every "

@@ -43,7 +43,6 @@ class Metric:
     axis: str  # y label of the value-vs-step figure
     final_axis: str  # y label of the final-value-vs-budget figure
     worse: str  # how an arm that ends worse than it started is described
-    noise_hint: str
     recovered_column: str | None = None
     recovered_text: str = ""  # the definition under the results table
     recovered_claim: str = ""  # the "nearly matches" claim's threshold, formatted with NEARLY_MATCHES
@@ -75,7 +74,7 @@ class Metric:
 ACCURACY = Metric(
     "accuracy", "eval/accuracy", "accuracy", True, True, "greedy accuracy", "final accuracy % (mean ± std)",
     "Held-out accuracy during training (%, mean over seeds):", "held-out greedy accuracy (%)",
-    "final held-out accuracy (%)", "below its starting accuracy", "differences of a few points are within noise",
+    "final held-out accuracy (%)", "below its starting accuracy",
     recovered_column="gain recovered vs all",
     recovered_text="Gain recovered = (acc - acc_before) / (acc_all - acc_before) with mean accuracies.",
     recovered_claim="recovers >= {:.0%} of its gain", recovered_detail="recovers {:.2f} of the gain")
@@ -85,7 +84,6 @@ RKL = Metric(
     "Held-out reverse KL per token, KL(student‖teacher) on the student's greedy samples, during training "
     "(mean over seeds; lower is better):", "held-out reverse KL per token (student‖teacher)",
     "final held-out reverse KL per token", "above its starting held-out KL",
-    "differences smaller than the spread between seeds are within noise",
     recovered_column="KL gap closed vs all",
     recovered_text="KL gap closed = (kl_before - kl_arm) / (kl_before - kl_all) with mean held-out KLs.",
     recovered_claim="closes >= {:.0%} of its KL gap", recovered_detail="closes {:.2f} of the KL gap")
@@ -94,7 +92,7 @@ AGREEMENT = Metric(
     "final agreement % (mean ± std)",
     "Held-out greedy agreement with the teacher's argmax during training (%, mean over seeds):",
     "held-out greedy agreement with the teacher (%)", "final held-out agreement with the teacher (%)",
-    "below its starting agreement", "differences of a few points are within noise")
+    "below its starting agreement")
 # In the order the page shows them after the primary one.
 METRICS: dict[str, Metric] = {m.name: m for m in (RKL, AGREEMENT, ACCURACY)}
 # The metrics a run must have one of, and that --metric chooses from, in the default's preference.
@@ -116,7 +114,7 @@ class RunRecord:
     """One finished training run: its arm and seed, selection settings, its held-out ``scores``
     per metric name, tokens kept and valid over all steps, the mean kept fraction, the learner's
     peak memory (max over steps), the wall time, the resolved config and the training command
-    ``tip-ray sweep`` ran (empty for a run not started by the sweep).
+    ``tip-ray sweep`` ran (empty for a run not started by the sweep) and the machine it recorded.
     ``end_state``: the means of ``DIAGNOSTICS`` over the last tenth of the steps."""
 
     arm: str
@@ -135,6 +133,7 @@ class RunRecord:
     command: tuple[str, ...] = ()
     end_state: dict[str, float] = field(default_factory=dict)
     scores: dict[str, RunScore] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
 
 
 # Per-step metrics that describe the student at the end of training (see ``RunRecord.end_state``).
@@ -216,6 +215,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         config=config,
         run_dir=run_dir,
         command=tuple(sweep_run.get("command", ())),
+        machine=dict(sweep_run.get("machine") or {}),
         end_state={k: mean([float(r[k]) for r in steps[-max(1, len(steps) // 10):]])
                    for k in DIAGNOSTICS if all(k in r for r in steps)},
         scores=scores,
