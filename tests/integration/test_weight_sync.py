@@ -75,7 +75,7 @@ def test_collective_sync_serves_the_learners_weights(zero_stage, cluster, checkp
         input_ids, attention, loss_mask = rollouts.to_sequences(pad_id=0)
         signal = TeacherWorker(TeacherConfig(model=checkpoints["teacher"], top_k=16)).score(input_ids, attention)
         batch = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
-        learner.train_step([ray.put(batch.rows(0, 2)), ray.put(batch.rows(2, 4))])
+        learner.train_step(batch)
 
         version = served + 1
         report = sync_weights(learner, actors, version, transport)

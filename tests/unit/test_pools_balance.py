@@ -135,7 +135,7 @@ def test_teacher_shards_cut_to_their_length_join_to_the_whole_batch_signal(teach
         assert ids.shape[1] == max(lengths[r] for r in rows)
         pieces.append((rows, teacher.score(ids, part_mask)))
     assert min(p[1].topk_ids.shape[1] for p in pieces) < width - 1  # some shard was cut
-    joined = join_signals(pieces, len(lengths), width)
+    joined = join_signals(pieces, len(lengths), width, teacher.vocab_size)
     assert joined.topk_ids.shape == whole.topk_ids.shape and joined.topk_logprobs.dtype == whole.topk_logprobs.dtype
     valid = torch.zeros(len(lengths), width - 1, dtype=torch.bool)
     for row, n in enumerate(lengths):
@@ -145,6 +145,10 @@ def test_teacher_shards_cut_to_their_length_join_to_the_whole_batch_signal(teach
     assert torch.equal(joined.topk_ids[valid], whole.topk_ids[valid])
     # The cut-off padding holds a valid distribution, so even an unmasked check passes.
     joined.validate(len(lengths), width - 1, vocab_size=128)
+    # One padding rule: positions cut off by the join hold what the teacher puts at its own padding.
+    assert torch.equal(joined.topk_logprobs[~valid], whole.topk_logprobs[~valid])
+    assert torch.equal(joined.sampled_logprobs[~valid], whole.sampled_logprobs[~valid])
+    assert torch.equal(joined.topk_ids[~valid], whole.topk_ids[~valid])
 
 
 def test_teacher_skips_the_prompt_positions_it_is_told_the_loss_never_reads(teacher):
@@ -179,9 +183,9 @@ def test_joining_teacher_shards_checks_their_shapes(teacher):
     mask = torch.ones_like(ids)
     signal = teacher.score(ids, mask)
     with pytest.raises(ValueError, match="exactly once"):
-        join_signals([([0, 1], signal), ([1], signal)], 2, 6)
+        join_signals([([0, 1], signal), ([1], signal)], 2, 6, teacher.vocab_size)
     with pytest.raises(ValueError, match="does not fit"):
-        join_signals([([0, 1], signal)], 2, 4)
+        join_signals([([0, 1], signal)], 2, 4, teacher.vocab_size)
 
 
 @pytest.mark.parametrize("key, value, message", [

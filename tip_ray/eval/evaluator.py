@@ -1,14 +1,17 @@
 """Held-out evaluation: generate, grade, report accuracy with its interval, keep every sample.
 
 Usable alone (``tip-ray eval``) and from the training loop: it needs only an engine with
-``generate(prompt_ids, SamplingSettings) -> list[Generation]`` (the transformers engine here,
-the vLLM rollout engine in a run), a tokenizer, a prompt dataset and a grader name.
+``generate(prompt_ids, SamplingSettings) -> list[Generation]`` (the transformers engine here;
+in a run the rollout pool for the student and the teacher pool for the teacher, each with its
+deadlines and retries), a tokenizer, a prompt dataset and a grader name. ``generate_and_grade``
+is the one path both take; the run's held-out metrics (``tip_ray.eval.held_out``) build on it.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -64,6 +67,38 @@ class EvalReport:
         }
 
 
+def grade_samples(texts: Sequence[str], answers: Sequence[str | None], grader: str) -> tuple[bool | None, ...]:
+    """Per sample, whether ``texts[i]`` states ``answers[i]`` (grader ``grader``), None where the
+    answer is None (the prompt is not graded)."""
+    if len(texts) != len(answers):
+        raise ValueError(f"{len(texts)} samples for {len(answers)} answers")
+    grade = get_grader(grader)
+    return tuple(None if answer is None else bool(grade(text, answer)) for text, answer in zip(texts, answers))
+
+
+@dataclass(frozen=True)
+class GradedSamples:
+    """An engine's samples of a prompt set, decoded and graded: per generation (``prompt_index``
+    into the prompts), its text and whether it is correct (None where the prompt has no answer)."""
+
+    generations: tuple[Generation, ...]
+    texts: tuple[str, ...]
+    correct: tuple[bool | None, ...]
+
+
+def generate_and_grade(engine: Engine, tokenizer, dataset: PromptDataset, grader: str,
+                       sampling: SamplingSettings) -> GradedSamples:
+    """The one evaluation path: ``engine`` samples every prompt of ``dataset`` with ``sampling``
+    (a model here, the rollout or teacher pool in a run: they bring their own deadlines and
+    retries), the samples are decoded with ``tokenizer`` and graded with ``grader`` where the
+    prompt has an answer."""
+    examples = [dataset[i] for i in range(len(dataset))]
+    generations = tuple(engine.generate([ex.prompt_ids for ex in examples], sampling))
+    texts = tuple(tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations)
+    correct = grade_samples(texts, [examples[g.prompt_index].answer for g in generations], grader)
+    return GradedSamples(generations, texts, correct)
+
+
 def evaluate(
     engine: Engine,
     tokenizer,
@@ -73,21 +108,18 @@ def evaluate(
     name: str = "eval",
 ) -> EvalReport:
     """Generate ``sampling.n`` responses per prompt of ``dataset``, grade them, and report."""
-    grade = get_grader(grader)
     examples = [dataset[i] for i in range(len(dataset))]
     if any(ex.answer is None for ex in examples):
         raise ValueError("tip-ray eval grades every prompt, so every prompt needs an answer: set data.answer_field "
                          "and keep data.null_answer=error (training evaluation accepts ungraded prompts)")
-    generations = engine.generate([ex.prompt_ids for ex in examples], sampling)
+    graded = generate_and_grade(engine, tokenizer, dataset, grader, sampling)
     per_prompt: list[list[bool]] = [[] for _ in examples]
     samples = []
-    for gen in generations:
+    for gen, text, correct in zip(graded.generations, graded.texts, graded.correct):
         ex = examples[gen.prompt_index]
-        text = tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-        correct = bool(grade(text, ex.answer))
-        per_prompt[gen.prompt_index].append(correct)
+        per_prompt[gen.prompt_index].append(bool(correct))
         samples.append(SampleResult(ex.uid, len(per_prompt[gen.prompt_index]) - 1, ex.prompt_text, text, ex.answer,
-                                    correct, gen.finish_reason, len(gen.token_ids)))
+                                    bool(correct), gen.finish_reason, len(gen.token_ids)))
     flat = [c for row in per_prompt for c in row]
     mean, low, high = accuracy_with_ci(flat)
     n = sampling.n

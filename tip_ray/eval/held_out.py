@@ -12,20 +12,24 @@ and how far the student is from the teacher on its own greedy samples.
   token equals the teacher's argmax at the same prefix (exact for any K: the argmax is in the
   teacher's top-K).
 
-The pure pieces live here (grading, the teacher's argmax, the summary); the driver
-(``tip_ray.trainer.Trainer.held_out``) runs the pools.
+Samples come through ``tip_ray.eval.evaluator.generate_and_grade``, the path ``tip-ray eval``
+takes too, with the rollout pool (or the teacher pool) as the engine; the driver
+(``tip_ray.trainer.Trainer.held_out``) hands in the pools.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from tip_ray.data.grading import get_grader
+from tip_ray.data.prompts import PromptDataset
+from tip_ray.eval.evaluator import Engine, generate_and_grade, grade_samples
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.types import Generation
+from tip_ray.types import Generation, RolloutBatch, SamplingSettings, TrainBatch
+
+__all__ = ["HeldOutEval", "grade_samples", "held_out_samples", "teacher_agreement", "with_divergence"]
 
 
 @dataclass(frozen=True)
@@ -82,13 +86,29 @@ class HeldOutEval:
         return out
 
 
-def grade_samples(texts: Sequence[str], answers: Sequence[str | None], grader: str) -> tuple[bool | None, ...]:
-    """Per sample, whether ``texts[i]`` states ``answers[i]`` (grader ``grader``), None where the
-    answer is None (the prompt is not graded)."""
-    if len(texts) != len(answers):
-        raise ValueError(f"{len(texts)} samples for {len(answers)} answers")
-    grade = get_grader(grader)
-    return tuple(None if answer is None else bool(grade(text, answer)) for text, answer in zip(texts, answers))
+def held_out_samples(engine: Engine, tokenizer, dataset: PromptDataset, grader: str,
+                     max_new_tokens: int) -> HeldOutEval:
+    """Greedy samples (one per prompt, at most ``max_new_tokens`` tokens) of ``engine`` (the
+    rollout pool for the student, the teacher pool for the teacher) on ``dataset``, graded where
+    the prompt has an answer (``tip_ray.eval.evaluator.generate_and_grade``: the one path)."""
+    greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
+    graded = generate_and_grade(engine, tokenizer, dataset, grader, greedy)
+    return HeldOutEval(graded.generations, graded.correct)
+
+
+def with_divergence(samples: HeldOutEval, dataset: PromptDataset, policy_version: int, pad_id: int,
+                    score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], TeacherSignal],
+                    evaluate_tokens: Callable[[TrainBatch], torch.Tensor]) -> HeldOutEval:
+    """``samples`` (the student's greedy samples of ``dataset`` from ``policy_version``) with their
+    divergence: ``score(input_ids [B, L], attention [B, L], loss_mask [B, L-1])`` gives the
+    teacher's signal on them, ``evaluate_tokens`` the student's per-token reverse KL to it (the
+    learner with the weights that sampled them), and the teacher's argmax gives the agreement."""
+    prompts = tuple(tuple(dataset[i].prompt_ids) for i in range(len(dataset)))
+    batch = RolloutBatch(prompts, samples.generations, policy_version)
+    input_ids, attention, loss_mask = batch.to_sequences(pad_id)
+    signal = score(input_ids, attention, loss_mask)
+    rkl = evaluate_tokens(TrainBatch(input_ids, attention, loss_mask, signal, policy_version))
+    return HeldOutEval(samples.generations, samples.correct, rkl, teacher_agreement(signal, input_ids, loss_mask))
 
 
 def teacher_agreement(signal: TeacherSignal, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

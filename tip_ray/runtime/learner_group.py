@@ -11,6 +11,7 @@ from ray.util.placement_group import remove_placement_group
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.runtime.actors import LearnerActor
 from tip_ray.runtime.placement import PoolResources, ResourceError, check_distinct_gpus, on_bundle, reserve
+from tip_ray.types import TrainBatch
 
 
 class LearnerGroup:
@@ -33,13 +34,20 @@ class LearnerGroup:
         addr, port = ray.get(self.actors[0].rendezvous_address.remote())
         ray.get([a.join.remote(addr, port, rank, pool.num_actors) for rank, a in enumerate(self.actors)])
 
-    def train_step(self, shards: list) -> tuple[list, dict[str, float] | None]:
-        """Forward/backward on one shard per rank (object refs or values), then one optimizer step.
+    def train_step(self, batch: TrainBatch) -> tuple[list, dict[str, float] | None]:
+        """One optimizer step on the step's whole ``batch`` (``learner.global_batch_size`` rows):
+        rank r trains on the contiguous rows ``[r * B / world, (r + 1) * B / world)``.
 
         Returns every rank's metrics and rank 0's optimizer report, or None when the ranks skipped
         the step together (non-finite statistics: no backward was run, no update is applied).
         """
-        results = ray.get([a.train_step.remote(s) for a, s in zip(self.actors, shards)])
+        world = len(self.actors)
+        if batch.size % world:
+            raise ValueError(f"a step's {batch.size} sequences do not split evenly over learner.world_size={world} "
+                             "ranks; make learner.global_batch_size a multiple of it")
+        per_rank = batch.size // world
+        results = ray.get([a.train_step.remote(batch.rows(r * per_rank, (r + 1) * per_rank))
+                           for r, a in enumerate(self.actors)])
         return [metrics for metrics, _ in results], results[0][1]
 
     def evaluate_tokens(self, batch) -> torch.Tensor:

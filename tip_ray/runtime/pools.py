@@ -37,6 +37,7 @@ import torch
 from tip_ray.config import FaultConfig, RolloutConfig, TeacherConfig
 from tip_ray.runtime.actors import RolloutActor, TeacherActor
 from tip_ray.runtime.placement import PoolResources, on_bundle, reserve
+from tip_ray.teacher.layout import fill_padding
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.types import Generation, RolloutBatch, SamplingSettings
 
@@ -110,19 +111,22 @@ def _check_cover(rows_per_part: Sequence[Sequence[int]], total: int) -> None:
         raise ValueError(f"the shards cover rows {seen}, not each of range({total}) exactly once")
 
 
-def join_signals(parts: Sequence[tuple[Sequence[int], TeacherSignal]], total: int, length: int) -> TeacherSignal:
+def join_signals(parts: Sequence[tuple[Sequence[int], TeacherSignal]], total: int, length: int,
+                 vocab_size: int) -> TeacherSignal:
     """Shard signals back in the original row order: part j holds rows ``rows_j`` as [b_j, W_j - 1, K];
     the result is [total, length - 1, K]. Positions past a part's width are padding (no response
-    token there); they get a uniform distribution over ids 0..K-1, finite and never read."""
+    token there); they hold the padding placeholder of a teacher over ``vocab_size`` ids
+    (``tip_ray.teacher.layout``: ids 0..K-1, each at -log V), finite and never read."""
     if not parts:
         raise ValueError("no teacher shards to join")
     _check_cover([rows for rows, _ in parts], total)
     first = parts[0][1]
     k, dtype = first.k, first.topk_logprobs.dtype
     positions = length - 1
-    ids = torch.arange(k, dtype=first.topk_ids.dtype).expand(total, positions, k).clone()
-    logprobs = torch.full((total, positions, k), -math.log(k), dtype=dtype)
-    sampled = torch.full((total, positions), -math.log(k), dtype=first.sampled_logprobs.dtype)
+    ids = torch.empty((total, positions, k), dtype=first.topk_ids.dtype)
+    logprobs = torch.empty((total, positions, k), dtype=dtype)
+    sampled = torch.empty((total, positions), dtype=first.sampled_logprobs.dtype)
+    fill_padding(ids, logprobs, sampled, torch.zeros(total, positions, dtype=torch.bool), vocab_size)
     for rows, signal in parts:
         index = torch.tensor(list(rows), dtype=torch.long)
         width = signal.topk_ids.shape[1]
@@ -287,6 +291,22 @@ class ActorPool:
             waiting[shard.ref] = shard
         return [(s.rows, s.result) for s in pending.shards]
 
+    def revive(self, problem: str) -> None:
+        """After a call made outside ``start``/``finish`` failed (a weight sync): every live actor
+        that no longer answers is waited for (restarted: prepared again before its next call, as
+        after a failed shard) or retired; ``PoolError`` when none is left. ``problem`` says what
+        failed, for the events."""
+        for index in self.live:
+            try:
+                ray.get(self.actors[index].__ray_ready__.remote(), timeout=self.faults.actor_timeout_s)
+                continue
+            except ray.exceptions.GetTimeoutError:
+                continue  # alive but busy
+            except ACTOR_FAILURES:
+                pass
+            if self._replacement(index, problem) == index:
+                self.on_event(f"{self.name} pool: actor {index} {problem}; restarted")
+
     def close(self) -> None:
         """Stop the actors and release the placement group."""
         from ray.util.placement_group import remove_placement_group
@@ -424,10 +444,10 @@ class RolloutPool(ActorPool):
         the batch's policy version is the oldest among its shards."""
         return join_rollouts(self.finish(launch.call), launch.size)
 
-    def generate_with(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]:
         """Generations for ``prompts`` [N][len_i] with ``sampling`` (e.g. greedy, for evaluation)
         from the served weights, prompt by prompt in the original order (``prompt_index`` into
-        ``prompts``); waits."""
+        ``prompts``); waits, with the pool's deadlines and retries (``tip_ray.eval``'s engine)."""
         return list(self.collect(self._launch(prompts, sample_seeds(self.cfg.seed, -1, 0, len(prompts)),
                                               sampling)).generations)
 
@@ -460,28 +480,31 @@ class RolloutPool(ActorPool):
 
 
 class TeacherPool(ActorPool):
-    """``teacher.num_workers`` TeacherActors scoring rows balanced by their attention length."""
+    """``teacher.num_workers`` TeacherActors scoring rows balanced by their attention length;
+    ``vocab_size``: the teacher's vocabulary (the padding placeholder of joined shards)."""
 
     def __init__(
         self,
         resources: PoolResources,
         cfg: TeacherConfig,
         faults: FaultConfig,
+        vocab_size: int,
         on_event: Callable[[str], None] | None = None,
         placement_timeout_s: float = 60.0,
     ) -> None:
         super().__init__(resources, TeacherActor, lambda i: (cfg,), faults, on_event, placement_timeout_s)
+        self.vocab_size = vocab_size
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]:
         """The teacher's own generations for ``prompts`` [N][len_i] (to measure its accuracy),
-        balanced by prompt length over the live actors; ``prompt_index`` into ``prompts``. Waits;
-        no retries (an evaluation, not a training step)."""
-        shards = [s for s in balance([float(len(p)) for p in prompts], len(self.live_actors)) if s]
-        refs = [actor.generate.remote([list(prompts[i]) for i in rows], sampling)
-                for actor, rows in zip(self.live_actors, shards)]
-        out = []
-        for rows, generations in zip(shards, ray.get(refs)):
-            out.extend(replace(g, prompt_index=rows[g.prompt_index]) for g in generations)
+        balanced by prompt length over the live actors; ``prompt_index`` into ``prompts``, in
+        prompt order. Waits, with the pool's deadlines and retries, like ``score``."""
+        if not prompts:
+            raise ValueError("no prompts to generate from")
+        call = self.start([float(len(p) + sampling.max_new_tokens) for p in prompts],
+                          lambda rows: ([list(prompts[i]) for i in rows],),
+                          lambda actor, ids: actor.generate.remote(ids, sampling))
+        out = [replace(g, prompt_index=rows[g.prompt_index]) for rows, gens in self.finish(call) for g in gens]
         return sorted(out, key=lambda g: g.prompt_index)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -499,4 +522,4 @@ class TeacherPool(ActorPool):
 
         call = self.start(sequence_lengths(attention_mask), payload,
                           lambda actor, ids, mask, first: actor.score.remote(ids, mask, first))
-        return join_signals(self.finish(call), input_ids.shape[0], input_ids.shape[1])
+        return join_signals(self.finish(call), input_ids.shape[0], input_ids.shape[1], self.vocab_size)

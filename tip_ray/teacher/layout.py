@@ -56,14 +56,23 @@ def order_by_logprob(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.T
     return ids.gather(-1, order), logprobs.gather(-1, order)
 
 
+def padding_logprob(vocab_size: int) -> float:
+    """The log-prob of every entry at a padding position: -log V, so that the K listed ids and the
+    tail bucket (the other V - K ids) form the uniform distribution over the vocabulary whatever
+    K is (the one rule for padding: every backend's and the teacher pool's joined shards)."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return -math.log(vocab_size)
+
+
 def fill_padding(
     ids: torch.Tensor, logprobs: torch.Tensor, sampled: torch.Tensor, scored: torch.Tensor, vocab_size: int
 ) -> None:
     """In place: at positions where ``scored`` [B, T] is False, ids [B, T, K] become 0..K-1 and
-    every log-prob (``logprobs`` [B, T, K], ``sampled`` [B, T]) -log(vocab_size)."""
+    every log-prob (``logprobs`` [B, T, K], ``sampled`` [B, T]) ``padding_logprob(vocab_size)``."""
     pad = ~scored
     k = ids.shape[-1]
     ids[pad] = torch.arange(k, dtype=ids.dtype, device=ids.device)
-    uniform = -math.log(vocab_size)
+    uniform = padding_logprob(vocab_size)
     logprobs[pad] = uniform
     sampled[pad] = uniform

@@ -1,0 +1,79 @@
+"""The interfaces the driver loop drives. ``tip_ray.runtime.ray_runtime.RayRuntime`` implements
+them on Ray (pools of actors, a learner group, a weight-sync transport); the driver's tests
+implement them with plain in-process objects. Shapes and records as in ``tip_ray.types``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from tip_ray.tip.signal import TeacherSignal
+from tip_ray.types import Generation, RolloutBatch, SamplingSettings, TrainBatch
+
+
+class Rollouts(Protocol):
+    """Samples the student: ``launch`` starts a batch without waiting, ``collect`` waits for it."""
+
+    def launch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> Any: ...
+
+    def collect(self, launch: Any) -> RolloutBatch: ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]: ...
+
+
+class Teacher(Protocol):
+    """Scores sequences [B, L] into a signal [B, L-1, K]; generates for its own evaluation."""
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              first_position: torch.Tensor | None = None) -> TeacherSignal: ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]: ...
+
+
+class Learner(Protocol):
+    """The learner group: one step on the whole batch (it shards by rank), evaluation, state."""
+
+    def train_step(self, batch: TrainBatch) -> tuple[list, dict[str, float] | None]: ...
+
+    def evaluate_tokens(self, batch: TrainBatch) -> torch.Tensor: ...
+
+    def save_state(self, directory: str) -> None: ...
+
+    def load_state(self, directory: str) -> int: ...
+
+    def export_hf(self, directory: str) -> None: ...
+
+    def export_weights_ref(self) -> Any: ...
+
+
+class SyncResult(Protocol):
+    """What a weight sync reports (``tip_ray.sync.transports.SyncReport``)."""
+
+    seconds: float
+    weights_ref: Any
+
+
+class Runtime(Protocol):
+    """The pools of one run and the weight sync between them."""
+
+    rollout: Rollouts
+    teacher: Teacher
+    learner: Learner
+
+    def sync_weights(self, version: int) -> SyncResult:
+        """Serve the learner's current weights to every rollout actor as ``version``."""
+        ...
+
+    def restart_learner(self) -> None:
+        """Replace the learner group by a fresh one (initial weights: load a checkpoint next)."""
+        ...
+
+    def learner_lost(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means a learner rank died."""
+        ...
+
+    def close(self) -> None:
+        """Stop everything the runtime started."""
+        ...
