@@ -89,3 +89,36 @@ def test_vllm_signal_equals_the_hf_signal(cluster, teacher_checkpoint):
 def test_full_distribution_beyond_max_logprobs_is_refused_before_the_engine_starts(teacher_checkpoint):
     with pytest.raises(ValueError, match="full distribution.*128.*max_logprobs is 64"):
         TeacherWorker(TeacherConfig(model=teacher_checkpoint, backend="vllm", top_k=None, max_logprobs=64))
+
+
+def test_a_teacher_with_more_rows_than_the_student_sends_the_same_ids_on_both_backends(cluster, tmp_path):
+    # 32 teacher rows beyond the student's 128, made likely: vLLM ranks them too, so it is asked
+    # for k + 32 log-probs and drops them, which leaves exactly the hf backend's top-k.
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tip_ray.runtime.actors import TeacherActor
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=160, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=128, head_dim=32, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[128:] = 4 * model.lm_head.weight[torch.randint(0, 128, (32,))]
+    model.save_pretrained(str(tmp_path / "padded"))
+    k = 8
+    common = dict(model=str(tmp_path / "padded"), top_k=k, values_dtype="fp32", dtype="float32", student_vocab_size=128)
+    vllm = cluster.remote(TeacherActor).options(num_cpus=1).remote(
+        TeacherConfig(backend="vllm", max_model_len=32, max_logprobs=64, **common))
+    hf = TeacherWorker(TeacherConfig(backend="hf", micro_batch_size=2, **common))
+    unmasked = TeacherWorker(TeacherConfig(backend="hf", **{**common, "student_vocab_size": None}))
+    input_ids, attention = padded_batch(LENGTHS)
+    got, expected = cluster.get(vllm.score.remote(input_ids, attention)), hf.score(input_ids, attention)
+    scored = attention[:, 1:].bool()
+    assert bool((unmasked.score(input_ids, attention).topk_ids[scored] >= 128).any())
+    assert int(got.topk_ids.max()) < 128 and int(expected.topk_ids.max()) < 128
+    torch.testing.assert_close(got.topk_logprobs, expected.topk_logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.sampled_logprobs, expected.sampled_logprobs, atol=1e-4, rtol=0)
+    top = expected.topk_logprobs[..., :]
+    clear = torch.cat([top[..., :-1] - top[..., 1:], torch.ones_like(top[..., :1])], -1).min(-1).values > 1e-4
+    assert torch.equal(got.topk_ids[clear], expected.topk_ids[clear])
