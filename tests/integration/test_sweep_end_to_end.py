@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tip_ray.data.tasks import make_splits, write_jsonl
+from tip_ray.experiments.sweep import CHECKPOINTS, arms_by_name, plan
+from tip_ray.state.checkpoint_store import CheckpointStore
 from tip_ray.tip.rocks import load_rock_set
 
 pytestmark = pytest.mark.slow
@@ -66,3 +70,32 @@ def test_rocks_then_a_resumable_rock_freeze_sweep_then_the_report(setup):
     assert report.returncode == 0, report.stderr[-2000:]
     text = (root / "docs" / "results.md").read_text()
     assert "| rock_freeze | `rock_freeze` | - | 1 |" in text and "holds 3 rocks" in text
+
+
+def test_a_ctrl_c_of_the_sweep_lets_the_trainer_finish_its_step_and_checkpoint(setup):
+    root, overrides = setup
+    common = [*overrides, "trainer.steps=40", "trainer.eval_every=0", "logger.wandb=false"]
+    sweep = subprocess.Popen([sys.executable, "-m", "tip_ray.cli", "sweep", "--root", str(root / "stopped"), "--seeds",
+                              "0", "--arms", "all_100", *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=ENV)
+    run = root / "stopped" / "all_100" / "seed0"
+    deadline = time.monotonic() + 240
+    while sweep.poll() is None and time.monotonic() < deadline and '"kept_tokens"' not in _read(run / "metrics.jsonl"):
+        time.sleep(0.2)  # a training step is logged: the trainer's fit() handles SIGTERM by now
+    sweep.send_signal(signal.SIGINT)  # what a Ctrl-C in the terminal sends the sweep (the trainer has its own)
+    out, err = sweep.communicate(timeout=300)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 1 <= summary["steps"] < 40, out[-2000:] + err[-2000:]
+    assert CheckpointStore(run / CHECKPOINTS).latest().step == summary["steps"]  # the stop-time checkpoint
+    assert f"stopped by a signal (resumes from the checkpoint of step {summary['steps']}" in out
+    assert "the sweep was interrupted: SIGTERM sent" in (run / "train.log").read_text()
+    (planned,) = plan(arms_by_name(["all_100"]), [0], root / "stopped", common)
+    assert not planned.finished and planned.checkpoint_step == summary["steps"]  # the next sweep resumes there
+
+
+def _read(path: Path) -> str:
+    """The text of ``path``, empty while it does not exist."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
