@@ -235,10 +235,12 @@ def _sweep(args: argparse.Namespace) -> int:
         for run in runs:
             print(("[done] " if run.finished else "") + " ".join(train_command(run)))
         return 0
-    outcomes = run_sweep(runs, timeout=args.timeout)
+    outcomes = run_sweep(runs, timeout=args.timeout, grace=args.grace)
     failed = [o.run.run_dir for o in outcomes if o.status == "failed"]
     print(f"sweep: {len(outcomes) - len(failed)} of {len(outcomes)} runs finished" +
           (f"; failed: {', '.join(map(str, failed))}" if failed else ""))
+    if any(o.stopped == "signal" for o in outcomes):
+        return 130  # stopped by Ctrl-C / SIGTERM, as a shell reports it
     return 1 if failed else 0
 
 
@@ -251,6 +253,8 @@ def _report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
+    from tip_ray.experiments.sweep import DEFAULT_GRACE  # standard library only: the parser stays quick
+
     parser = argparse.ArgumentParser(prog="tip-ray", description=tip_ray.__doc__)
     parser.add_argument("--version", action="version", version=f"tip-ray {tip_ray.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -301,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--arms", default=None, help="comma-separated arm names (default: every arm)")
     sw.add_argument("--rock-file", default="runs/embedded/rocks.json", help="rock file for the rock_freeze arm")
     sw.add_argument("--timeout", type=float, default=None,
-                    help="seconds before a run is killed (default: none); the next sweep resumes it from its last "
-                         "checkpoint.every checkpoint, if any")
+                    help="seconds before a run is stopped (default: none): it gets a SIGTERM and --grace seconds to "
+                         "finish its step and write its checkpoint (then it is killed); the next sweep resumes it "
+                         "from its newest checkpoint")
+    sw.add_argument("--grace", type=float, default=DEFAULT_GRACE,
+                    help=f"seconds a stopped run (--timeout, Ctrl-C) gets to finish its step and write its checkpoint "
+                         f"before it is killed (default: {DEFAULT_GRACE:g})")
     sw.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     sw.add_argument("overrides", nargs="*", help="overrides for every run, e.g. trainer.steps=100 logger.wandb=false")
     sw.set_defaults(run=_sweep)
