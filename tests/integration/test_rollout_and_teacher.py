@@ -48,6 +48,19 @@ def test_rollout_logprobs_match_the_weights_before_and_after_a_sync(engine, tiny
         worker.update_weights(updated, version=1)
 
 
+def test_hf_rollouts_do_not_depend_on_how_the_prompts_are_sharded(tiny_checkpoint):
+    # Two actors with two prompts each sample what one actor samples for all four (per-prompt seeds).
+    prompts = PROMPTS + PROMPTS[::-1]
+    seeds = [101, 202, 303, 404]
+    cfg = RolloutConfig(engine="hf", n=2, max_new_tokens=6, max_model_len=64, dtype="float32")
+    whole = RolloutWorker(cfg, tiny_checkpoint).generate(prompts, seeds)
+    left = RolloutWorker(cfg, tiny_checkpoint, worker_index=0).generate(prompts[:2], seeds[:2])
+    right = RolloutWorker(cfg, tiny_checkpoint, worker_index=1).generate(prompts[2:], seeds[2:])
+    assert [g.token_ids for g in whole.generations] == [g.token_ids for g in left.generations + right.generations]
+    # The same prompt under two seeds samples two ways: the seed, not the prompt, decides.
+    assert [g.token_ids for g in whole.generations[:2]] != [g.token_ids for g in whole.generations[6:]]
+
+
 def test_generation_that_hits_the_length_limit_is_marked(tiny_checkpoint):
     worker = RolloutWorker(RolloutConfig(engine="hf", max_new_tokens=2, max_model_len=64), tiny_checkpoint)
     rollouts = worker.generate(PROMPTS)
