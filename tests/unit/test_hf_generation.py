@@ -97,12 +97,18 @@ def test_a_prompts_samples_do_not_depend_on_the_other_prompts_or_the_batching(en
     assert len({tuple(t) for i in range(4) for t in by_prompt[i]}) > 4
 
 
-def test_without_seeds_every_prompt_uses_the_call_seed_as_vllm_does(engine):
+def test_without_seeds_each_place_of_the_call_gets_its_own_seed(engine):
+    from tip_ray.rollout.hf import call_seeds
+
     gen, tok, _ = engine
     p = prompts(tok, ["12+3="])[0]
     sampling = SamplingSettings(max_new_tokens=8, temperature=1.0, seed=5)
     twice = gen.generate([p, p], sampling)
-    assert twice[0].token_ids == twice[1].token_ids == gen.generate([p], sampling, [5])[0].token_ids
+    # Reproducible from the call seed, and the same prompt twice is two draws, not one copied.
+    assert [g.token_ids for g in twice] == [g.token_ids for g in gen.generate([p, p], sampling, call_seeds(5, 2))]
+    assert [g.token_ids for g in twice] == [g.token_ids for g in gen.generate([p, p], sampling)]
+    assert twice[0].token_ids != twice[1].token_ids
+    assert len(set(call_seeds(5, 1000))) == 1000 and call_seeds(5, 3) != call_seeds(6, 3)
     with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
         gen.generate([p], sampling, [1, 2])
 

@@ -14,6 +14,8 @@ sample of ``p``, and ``generate`` then decodes greedily over the noised scores.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessor,
@@ -26,6 +28,13 @@ from tip_ray.devices import to_device
 from tip_ray.types import Generation, SamplingSettings
 
 _SAMPLE_STRIDE = 1_000_003  # seeds of one prompt's samples: s * stride + j, distinct while n < stride
+
+
+def call_seeds(seed: int, count: int) -> list[int]:
+    """``count`` distinct-looking 31-bit prompt seeds derived from one call seed: the prompt at
+    place i of a call gets ``call_seeds(seed, n)[i]``."""
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=4).digest(), "little") & 0x7FFF_FFFF
+            for i in range(count)]
 
 
 def sample_seed(prompt_seed: int, sample: int) -> int:
@@ -107,15 +116,18 @@ class HFGenerator:
                  seeds: list[int] | None = None) -> list[Generation]:
         """``sampling.n`` generations per prompt (``prompts`` [N][len_i]), ordered prompt by prompt.
 
-        ``seeds`` [N]: prompt i's samples come from generators seeded ``sample_seed(seeds[i], j)``;
-        None: every prompt uses ``sampling.seed`` (as the vLLM engine does), or, when that is None
-        too, one seed drawn from torch's global generator for the call. Greedy ignores seeds.
+        ``seeds`` [N]: prompt i's samples come from generators seeded ``sample_seed(seeds[i], j)``,
+        whatever else the call holds. None: prompt i gets ``call_seeds(sampling.seed, N)[i]`` (its
+        samples then depend on its place in the call, but two prompts never share their noise, as
+        they would under one seed: vLLM's engine seeds every request with ``sampling.seed``), or,
+        when ``sampling.seed`` is None too, a call seed drawn from torch's global generator.
+        Greedy ignores seeds.
         """
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         if seeds is None:
             base = sampling.seed if sampling.seed is not None else int(torch.randint(2**31 - 1, ()).item())
-            seeds = [base] * len(prompts)
+            seeds = call_seeds(base, len(prompts))
         was_training = self.model.training
         self.model.eval()
         requests = [(i, p, sample_seed(seeds[i], j)) for i, p in enumerate(prompts) for j in range(sampling.n)]

@@ -48,8 +48,8 @@ class RolloutWorker:
 
         ``seeds`` [N], one per prompt: both engines sample each prompt with its own seed (vLLM per
         request, the hf engine per sample: ``tip_ray.rollout.hf``), so a prompt's samples do not
-        depend on how the prompts were sharded over actors. None: every prompt of the call uses one
-        seed from the worker's seed and call count.
+        depend on how the prompts were sharded over actors. None: a call seed from the worker's
+        seed and call count (vLLM seeds every prompt with it; the hf engine derives one per place).
         """
         self._calls += 1
         if seeds is not None and len(seeds) != len(prompt_ids):
