@@ -54,10 +54,11 @@ def test_learning_rate_warms_up_linearly_then_follows_the_cosine(lines):
             return (s + 1) / WARMUP
         return FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (s - WARMUP) / (TOTAL - WARMUP)))
 
-    # The optimizer report follows the scheduler's step: after update s it gives the rate of the next one.
-    assert [r["lr"] for r in lines] == pytest.approx([BASE * factor(s) for s in range(1, TOTAL + 1)], rel=1e-6)
-    assert lines[0]["lr"] < lines[1]["lr"] == pytest.approx(BASE)  # warm-up, then the peak
-    assert lines[-1]["lr"] == pytest.approx(BASE * FLOOR)  # the cosine ends at min_lr_ratio
+    # Step s logs the rate its update used: the schedule's value at s - 1 updates done.
+    assert [r["lr"] for r in lines] == pytest.approx([BASE * factor(s - 1) for s in range(1, TOTAL + 1)], rel=1e-6)
+    assert lines[0]["lr"] == pytest.approx(BASE / WARMUP)  # the first update is warm-up's first rate
+    assert lines[0]["lr"] < lines[1]["lr"] < lines[2]["lr"] == pytest.approx(BASE)  # warm-up, then the peak
+    assert BASE * FLOOR < lines[-1]["lr"] < lines[-2]["lr"]  # the cosine falls towards min_lr_ratio
 
 
 def test_micro_batch_scope_keeps_the_ratio_of_each_micro_batch(lines):

@@ -429,11 +429,13 @@ class LearnerWorker:
         return metrics, report
 
     def optim_step(self) -> dict[str, float]:
-        """Apply the accumulated gradient (clipping, optimizer, schedule); returns lr and grad norm."""
+        """Apply the accumulated gradient (clipping, optimizer, schedule); returns the lr this update
+        used and the grad norm."""
+        lr = float(self.engine.get_lr()[0])  # engine.step() advances the schedule to the next update's
         self.engine.step()
         self.steps += 1
         norm = self.engine.get_global_grad_norm()
-        return {"lr": float(self.engine.get_lr()[0]), "grad_norm": float(norm) if norm is not None else float("nan"),
+        return {"lr": lr, "grad_norm": float(norm) if norm is not None else float("nan"),
                 "weights_finite": float(self.weights_finite())}
 
     @torch.no_grad()
