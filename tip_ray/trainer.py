@@ -100,10 +100,6 @@ def _check_top_k(cfg: TrainConfig) -> tuple[int, int]:
     if cfg.teacher.top_k is not None and cfg.teacher.top_k > vocab:
         raise ValueError(f"teacher.top_k = {cfg.teacher.top_k} exceeds the teacher's vocabulary ({vocab} ids, "
                          f"{cfg.teacher.model}); use a smaller top_k or null for the full distribution")
-    if cfg.teacher.top_k is None and vocab > student:
-        raise ValueError(f"teacher.top_k=null sends the teacher's full distribution over {vocab} rows, more than the "
-                         f"student's {student}; set teacher.top_k (ids beyond the student's rows are then refused "
-                         "if they ever come up)")
     return student, vocab
 
 
@@ -120,10 +116,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: RuntimeFactory | None = None) -> None:
         from omegaconf import OmegaConf
 
+        from tip_ray.config import with_student_vocab
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
         from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.runtime.ray_runtime import RuntimeHooks
-        from tip_ray.state.checkpoint_store import CheckpointStore
+        from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
         from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
         from tip_ray.state.resume import find_resume_point
         from tip_ray.tracking import Tracker
@@ -140,10 +137,12 @@ class Trainer:
         self.stream = PromptStream(self.train_data, cfg.trainer.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle)
         self.student_vocab, teacher_vocab = _check_top_k(cfg)
+        # The teacher scores over the student's ids only (a teacher's embedding may be padded further).
+        cfg = self.cfg = with_student_vocab(cfg, self.student_vocab)
 
         self.run_dir = Path(cfg.trainer.output_dir)
         self.resolved_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        self.store = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.store = CheckpointStore(cfg.checkpoint.dir or self.run_dir / RUN_CHECKPOINTS, cfg.checkpoint.keep_last)
         point = self.resume_point = find_resume_point(cfg.checkpoint.resume, self.store, self.run_dir,
                                                       self.resolved_config)
         self.state = DriverState(cursor=self.stream.state_dict())
@@ -153,7 +152,8 @@ class Trainer:
         self.recoveries = 0  # learner-group recoveries in this process (not checkpointed: bounds replay loops)
         self._stop_signal: int | None = None
         hooks = RuntimeHooks(self._on_event, self._served_weights, lambda: self.state.version)
-        self.runtime = (runtime or _ray_runtime)(cfg, hooks, teacher_vocab)
+        # The rows the teacher scores: its padding rule (-log rows) and the joined shards' must agree.
+        self.runtime = (runtime or _ray_runtime)(cfg, hooks, min(teacher_vocab, self.student_vocab))
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.run_dir / "config.json", json.dumps(self.resolved_config, indent=2))
@@ -163,6 +163,8 @@ class Trainer:
             if point is not None:
                 self._restore(point, fresh_rollout=True)
                 self._on_event(f"resumed from {point.path} (step {point.step}, weight version {self.state.version})")
+                if point.set_aside is not None:
+                    self._on_event(f"moved the checkpoints after step {point.step} to {point.set_aside}")
         except BaseException:
             self.runtime.close()  # no caller holds this half-built trainer to close it
             raise

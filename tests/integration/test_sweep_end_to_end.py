@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tip_ray.data.tasks import make_splits, write_jsonl
-from tip_ray.experiments.sweep import CHECKPOINTS, arms_by_name, plan
-from tip_ray.state.checkpoint_store import CheckpointStore
+from tip_ray.experiments.sweep import arms_by_name, plan
+from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
 from tip_ray.tip.rocks import load_rock_set
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_a_ctrl_c_of_the_sweep_lets_the_trainer_finish_its_step_and_checkpoint(s
     out, err = sweep.communicate(timeout=300)
     summary = json.loads((run / "summary.json").read_text())
     assert 1 <= summary["steps"] < 40, out[-2000:] + err[-2000:]
-    assert CheckpointStore(run / CHECKPOINTS).latest().step == summary["steps"]  # the stop-time checkpoint
+    assert CheckpointStore(run / RUN_CHECKPOINTS).latest().step == summary["steps"]  # the stop-time checkpoint
     assert f"stopped by a signal (resumes from the checkpoint of step {summary['steps']}" in out
     assert "the sweep was interrupted: SIGTERM sent" in (run / "train.log").read_text()
     (planned,) = plan(arms_by_name(["all_100"]), [0], root / "stopped", common)

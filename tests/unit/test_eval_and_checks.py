@@ -115,3 +115,16 @@ def test_eval_command_reports_bad_input_clearly(overrides, message, tmp_path):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_grader_failures_are_counted_wrong_and_reported(test_set):
+    from tip_ray.eval.held_out import held_out_samples
+
+    tok, data, problems = test_set
+    # The third response makes math-verify time out (a tower of powers): wrong, and counted.
+    answers = [[f"\\boxed{{{problems[0].answer}}}"], ["\\boxed{0}"], ["\\boxed{10^{10^{10^{10}}}}"], ["no answer"]]
+    report = evaluate(ScriptedEngine(tok, answers), tok, data, "math", SamplingSettings(n=1), name="t")
+    assert report.accuracy == pytest.approx(1 / 4) and report.grader_errors == 1
+    assert report.summary()["grader_errors"] == 1
+    held_out = held_out_samples(ScriptedEngine(tok, answers), tok, data, "math", max_new_tokens=8)
+    assert held_out.metrics()["eval/grader_errors"] == 1 and held_out.metrics()["eval/accuracy"] == pytest.approx(0.25)

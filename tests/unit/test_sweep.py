@@ -15,7 +15,6 @@ import pytest
 
 from tip_ray.cli import compose
 from tip_ray.experiments.sweep import (
-    CHECKPOINTS,
     DEFAULT_ARMS,
     SEED_KEYS,
     PlannedRun,
@@ -26,7 +25,7 @@ from tip_ray.experiments.sweep import (
     set_aside,
     train_command,
 )
-from tip_ray.state.checkpoint_store import CheckpointStore
+from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
 
 
 def test_the_default_arms_are_the_issue_list():
@@ -103,7 +102,7 @@ def one_run(root: Path) -> PlannedRun:
 
 def checkpoint(run: PlannedRun, step: int) -> None:
     """A complete checkpoint of ``step`` where ``tip-ray train`` keeps the run's checkpoints."""
-    store = CheckpointStore(run.run_dir / CHECKPOINTS)
+    store = CheckpointStore(run.run_dir / RUN_CHECKPOINTS)
     tmp = store.begin(step)
     (tmp / "learner").mkdir()
     (tmp / "learner" / "shard.pt").write_bytes(b"weights")
@@ -155,7 +154,7 @@ def test_an_unfinished_run_with_a_checkpoint_resumes_with_the_same_command(tmp_p
     assert "resuming from the checkpoint of step 2" in lines[0]
     command, files = seen(run)
     assert command == train_command(run, trainer)  # the trainer resumes on its own (checkpoint.resume=auto)
-    assert {CHECKPOINTS, "metrics.jsonl", "config.json"} <= files  # nothing of the run was cleared
+    assert {RUN_CHECKPOINTS, "metrics.jsonl", "config.json"} <= files  # nothing of the run was cleared
     log = (run.run_dir / "train.log").read_text()
     assert log.startswith("first attempt\n") and "resuming from the checkpoint of step 2" in log
     record = json.loads((run.run_dir / "sweep_run.json").read_text())
@@ -166,13 +165,13 @@ def test_an_unfinished_run_with_a_checkpoint_resumes_with_the_same_command(tmp_p
 def test_an_unfinished_run_without_a_checkpoint_is_moved_aside_and_run_again(tmp_path, trainer):
     run = one_run(tmp_path)
     (run.run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
-    (run.run_dir / CHECKPOINTS / ".tmp-step_00000002-1").mkdir(parents=True)  # a save cut short
+    (run.run_dir / RUN_CHECKPOINTS / ".tmp-step_00000002-1").mkdir(parents=True)  # a save cut short
     assert run.checkpoint_step is None
     outcome = execute(run, python=trainer)
     assert outcome.status == "finished" and outcome.resumed_from is None
     assert seen(run)[1] == {"train.log"}  # a fresh directory
     (stale,) = run.run_dir.parent.glob("stale-seed0-*")
-    assert (stale / "metrics.jsonl").read_text() == '{"step": 1}\n' and (stale / CHECKPOINTS).is_dir()
+    assert (stale / "metrics.jsonl").read_text() == '{"step": 1}\n' and (stale / RUN_CHECKPOINTS).is_dir()
     assert json.loads((run.run_dir / "sweep_run.json").read_text())["attempts"] == 1
 
 

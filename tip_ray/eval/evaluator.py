@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tip_ray.data.grading import accuracy_with_ci, get_grader, pass_at_k
+from tip_ray.data.grading import accuracy_with_ci, grade_all, pass_at_k
 from tip_ray.data.prompts import PromptDataset
 from tip_ray.types import Generation, SamplingSettings
 
@@ -56,6 +56,7 @@ class EvalReport:
     truncated: int
     mean_response_tokens: float
     samples: tuple[SampleResult, ...]
+    grader_errors: int = 0
 
     def summary(self) -> dict[str, float | int | str]:
         """The scalar metrics, for logs and trackers."""
@@ -63,27 +64,29 @@ class EvalReport:
             "name": self.name, "accuracy": self.accuracy, "ci_low": self.ci_low, "ci_high": self.ci_high,
             "pass_at_1": self.pass_at_1, "pass_at_n": self.pass_at_n, "num_prompts": self.num_prompts,
             "samples_per_prompt": self.samples_per_prompt, "truncated": self.truncated,
-            "mean_response_tokens": self.mean_response_tokens,
+            "mean_response_tokens": self.mean_response_tokens, "grader_errors": self.grader_errors,
         }
 
 
 def grade_samples(texts: Sequence[str], answers: Sequence[str | None], grader: str) -> tuple[bool | None, ...]:
     """Per sample, whether ``texts[i]`` states ``answers[i]`` (grader ``grader``), None where the
-    answer is None (the prompt is not graded)."""
-    if len(texts) != len(answers):
-        raise ValueError(f"{len(texts)} samples for {len(answers)} answers")
-    grade = get_grader(grader)
-    return tuple(None if answer is None else bool(grade(text, answer)) for text, answer in zip(texts, answers))
+    answer is None (the prompt is not graded); a sample the grader failed on counts as wrong
+    (``grade_all`` counts those failures)."""
+    return grade_all(texts, answers, grader).correct
 
 
 @dataclass(frozen=True)
 class GradedSamples:
     """An engine's samples of a prompt set, decoded and graded: per generation (``prompt_index``
-    into the prompts), its text and whether it is correct (None where the prompt has no answer)."""
+    into the prompts), its text and whether it is correct (None where the prompt has no answer);
+    ``grader_errors``: graded samples the grader failed on (timeout, unparsable answer: counted
+    wrong), and ``grader_error_reasons`` how many for each reason."""
 
     generations: tuple[Generation, ...]
     texts: tuple[str, ...]
     correct: tuple[bool | None, ...]
+    grader_errors: int = 0
+    grader_error_reasons: dict[str, int] = field(default_factory=dict)
 
 
 def generate_and_grade(engine: Engine, tokenizer, dataset: PromptDataset, grader: str,
@@ -95,8 +98,8 @@ def generate_and_grade(engine: Engine, tokenizer, dataset: PromptDataset, grader
     examples = [dataset[i] for i in range(len(dataset))]
     generations = tuple(engine.generate([ex.prompt_ids for ex in examples], sampling))
     texts = tuple(tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in generations)
-    correct = grade_samples(texts, [examples[g.prompt_index].answer for g in generations], grader)
-    return GradedSamples(generations, texts, correct)
+    grades = grade_all(texts, [examples[g.prompt_index].answer for g in generations], grader)
+    return GradedSamples(generations, texts, grades.correct, grades.errors, grades.reasons)
 
 
 def evaluate(
@@ -135,6 +138,7 @@ def evaluate(
         truncated=Counter(s.finish_reason for s in samples)["length"],
         mean_response_tokens=sum(s.response_tokens for s in samples) / max(1, len(samples)),
         samples=tuple(samples),
+        grader_errors=graded.grader_errors,
     )
 
 

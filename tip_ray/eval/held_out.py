@@ -19,6 +19,7 @@ takes too, with the rollout pool (or the teacher pool) as the engine; the driver
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +38,8 @@ class HeldOutEval:
     """One evaluation of the student on the held-out prompts.
 
     ``generations``: the greedy samples, one per prompt, in prompt order. ``correct``: per
-    sample, whether it is right, or None when its prompt has no answer. ``rkl`` float64 [m] and
+    sample, whether it is right, or None when its prompt has no answer. ``grader_errors``: graded
+    samples the grader failed on (counted wrong). ``rkl`` float64 [m] and
     ``agreement`` bool [m]: per response token of the samples, in sample order then position
     order (m = total response tokens); None when the divergence was not measured.
     """
@@ -46,6 +48,7 @@ class HeldOutEval:
     correct: tuple[bool | None, ...]
     rkl: torch.Tensor | None = None
     agreement: torch.Tensor | None = None
+    grader_errors: int = 0
 
     def __post_init__(self) -> None:
         if len(self.correct) != len(self.generations):
@@ -69,8 +72,8 @@ class HeldOutEval:
         return sum(graded) / len(graded) if graded else None
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        """``accuracy`` (when any sample was graded), ``graded``, ``response_length`` (mean tokens per
-        greedy sample), and ``rkl``/``teacher_agreement`` (when measured, over at least one response
+        """``accuracy`` and ``grader_errors`` (when any sample was graded), ``graded``,
+        ``response_length`` (mean tokens per greedy sample), and ``rkl``/``teacher_agreement`` (when measured, over at least one response
         token), each under ``prefix``."""
         out: dict[str, float] = {f"{prefix}graded": self.graded}
         if self.generations:
@@ -79,6 +82,7 @@ class HeldOutEval:
             out[f"{prefix}response_length"] = sum(len(g.token_ids) for g in self.generations) / len(self.generations)
         if self.accuracy is not None:
             out[f"{prefix}accuracy"] = self.accuracy
+            out[f"{prefix}grader_errors"] = self.grader_errors
         if self.rkl is not None and self.rkl.numel():
             out[f"{prefix}rkl"] = float(self.rkl.double().mean())
         if self.agreement is not None and self.agreement.numel():
@@ -93,7 +97,7 @@ def held_out_samples(engine: Engine, tokenizer, dataset: PromptDataset, grader: 
     the prompt has an answer (``tip_ray.eval.evaluator.generate_and_grade``: the one path)."""
     greedy = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0)
     graded = generate_and_grade(engine, tokenizer, dataset, grader, greedy)
-    return HeldOutEval(graded.generations, graded.correct)
+    return HeldOutEval(graded.generations, graded.correct, grader_errors=graded.grader_errors)
 
 
 def with_divergence(samples: HeldOutEval, dataset: PromptDataset, policy_version: int, pad_id: int,
@@ -108,7 +112,7 @@ def with_divergence(samples: HeldOutEval, dataset: PromptDataset, policy_version
     input_ids, attention, loss_mask = batch.to_sequences(pad_id)
     signal = score(input_ids, attention, loss_mask)
     rkl = evaluate_tokens(TrainBatch(input_ids, attention, loss_mask, signal, policy_version))
-    return HeldOutEval(samples.generations, samples.correct, rkl, teacher_agreement(signal, input_ids, loss_mask))
+    return dataclasses.replace(samples, rkl=rkl, agreement=teacher_agreement(signal, input_ids, loss_mask))
 
 
 def teacher_agreement(signal: TeacherSignal, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:

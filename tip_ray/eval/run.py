@@ -61,12 +61,13 @@ def print_reports(reports: list[EvalReport], model: str, out: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"evaluation of {model}")
-    for col in ("run", "prompts", "samples", "accuracy", "95% CI", "pass@1", "pass@n", "truncated", "mean tokens"):
+    for col in ("run", "prompts", "samples", "accuracy", "95% CI", "pass@1", "pass@n", "truncated", "mean tokens",
+                "grader errors"):
         table.add_column(col, justify="right")
     for r in reports:
         table.add_row(r.name, str(r.num_prompts), str(r.samples_per_prompt), f"{r.accuracy:.3f}",
                       f"[{r.ci_low:.3f}, {r.ci_high:.3f}]", f"{r.pass_at_1:.3f}", f"{r.pass_at_n:.3f}",
-                      str(r.truncated), f"{r.mean_response_tokens:.1f}")
+                      str(r.truncated), f"{r.mean_response_tokens:.1f}", str(r.grader_errors))
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
     console.print(f"per-sample results and summary.json in {out}")

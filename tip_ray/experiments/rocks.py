@@ -36,6 +36,7 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
     order, ``rollout.n`` per prompt) and tally each sampled id's count and summed KL(P_S||P_T)."""
     from transformers import AutoModelForCausalLM
 
+    from tip_ray.config import with_student_vocab
     from tip_ray.data.prompts import PromptStream, load_prompt_dataset
     from tip_ray.rollout.vllm_args import sized_for
     from tip_ray.rollout.worker import RolloutWorker
@@ -57,9 +58,10 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
 
     per_call = min(prompts_per_batch, len(data)) * cfg.rollout.n  # what one generate / score call holds
     rollout = RolloutWorker(sized_for(cfg.rollout, per_call), cfg.student)
-    teacher = TeacherWorker(sized_for(cfg.teacher, per_call))
     student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).eval()
     vocab = int(student.config.vocab_size)
+    # As in training: the teacher's top-K over the student's ids only.
+    teacher = TeacherWorker(sized_for(with_student_vocab(cfg, vocab).teacher, per_call))
     head = student.get_output_embeddings()
     counts = torch.zeros(vocab, dtype=torch.long)
     sums = torch.zeros(vocab, dtype=torch.float64)

@@ -44,13 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tip_ray.state.checkpoint_store import CheckpointStore
+from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
 
 # Every seed the training run reads: the prompt order, the rollout sampling, the sampled
 # selection rules and the learner's initialisation (torch.manual_seed).
 SEED_KEYS = ("data.seed", "rollout.seed", "selection.seed", "learner.seed")
 DEFAULT_ROCK_FILE = "runs/embedded/rocks.json"
-CHECKPOINTS = "checkpoints"  # where `tip-ray train` keeps a run's checkpoints (checkpoint.dir=null)
 # Seconds a stopped trainer gets to finish its step in flight (an evaluation may follow it) and
 # write its checkpoint before it is killed.
 DEFAULT_GRACE = 120.0
@@ -149,7 +148,7 @@ class PlannedRun:
     def checkpoint_step(self) -> int | None:
         """The step of the newest complete checkpoint in the run's directory, which ``tip-ray
         train`` resumes from, or None."""
-        point = CheckpointStore(self.run_dir / CHECKPOINTS).latest()
+        point = CheckpointStore(self.run_dir / RUN_CHECKPOINTS).latest()
         return None if point is None else point.step
 
 

@@ -33,6 +33,8 @@ SUPERSEDED = "superseded"
 _PREFIX = "step_"
 _TMP = ".tmp-"
 
+RUN_CHECKPOINTS = "checkpoints"  # a run's checkpoint folder under its output_dir when checkpoint.dir is null
+
 
 def step_name(step: int) -> str:
     """The directory name of the checkpoint of ``step``."""
