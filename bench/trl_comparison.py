@@ -369,9 +369,11 @@ def report(setup: Setup, summaries: list[dict]) -> dict:
                       f"{s['outside_steps_seconds']:.0f}",
                       "{:.1f}/{:.1f}".format(*s["load_average_before_after"]))
     Console(width=None if sys.stdout.isatty() else 190).print(table)
-    tip_all = next(s for s in summaries if s["name"] == "tip_ray-all")
+    # Like for like when it ran; else (``--skip tip_ray-all``) the pair's own `all` at its top-k.
+    tip_all = next((s for s in summaries if s["name"] == "tip_ray-all"), None) or next(
+        s for s in summaries if s["name"].startswith("tip_ray-all"))
     verdict = tip_all["throughput_vs_trl"] >= TARGET_RATIO
-    print(f"tip_ray (all) / TRL ({trl['name']}, the faster TRL run) response tokens/s = "
+    print(f"{tip_all['name']} / TRL ({trl['name']}, the faster TRL run) response tokens/s = "
           f"{tip_all['throughput_vs_trl']:.2f} (median steps: {tip_all['median_throughput_vs_trl']:.2f}, "
           f"best steps: {tip_all['best_throughput_vs_trl']:.2f}) "
           f"(target >= {TARGET_RATIO}: {'ok' if verdict else 'MISSED'})")
@@ -446,6 +448,9 @@ def main() -> int:
     parser.add_argument("--ratio-steps", type=int, default=3,
                         help="steps of each extra ratio run, and the step at which every run's peak is compared "
                              "(>= 2: the optimizer states are made in step 1)")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="CASE",
+                        help="leave these cases out, e.g. tip_ray-all (the full-distribution case, the slowest); "
+                             "TRL and at least one tip_ray `all` case must remain")
     parser.add_argument("--tag", default=None, help="suffix of the result file and run folder (another pair, say); "
                         "default: the pair's name")
     parser.add_argument("--startup-profile", action="store_true",
@@ -499,6 +504,13 @@ def main() -> int:
                  (tip_cases[0].name, lambda: run_tip(setup, tip_cases[0], workdir)),
                  ("trl-1thread", lambda: run_trl(setup, prompts, workdir, 1)),
                  *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases[1:])]
+    known = [case for case, _ in cases]
+    unknown = [c for c in args.skip if c not in known]
+    if unknown or "trl" in args.skip or not [c for c in known if c.startswith("tip_ray-all") and c not in args.skip]:
+        parser.error(f"--skip: cases are {', '.join(known)}; TRL and one tip_ray `all` case must remain "
+                     f"(got {' '.join(args.skip)})")
+    cases = [(case, runner) for case, runner in cases if case not in args.skip]
+    tip_cases = [c for c in tip_cases if c.name not in args.skip]
     # The memory ratios: a case already run reuses it; any other ratio is one short run more.
     ratio_top_k = base["top_k"] if setup.pair else None  # a pair's ratio runs use its own teacher signal
     ratio_cases = [(r, TipCase("all", 1.0, top_k=ratio_top_k) if r == 1.0 else TipCase("soft_or", r, top_k=ratio_top_k))
