@@ -13,6 +13,7 @@ import torch
 
 from tip_ray.tip import TeacherSignal
 from tip_ray.tip import lean as lean_module
+from tip_ray.tip import lean_stats as lean_stats_module
 from tip_ray.tip.lean import kept_token_loss, token_stats_from_hidden
 from tip_ray.tip.stats import STAT_NAMES, compute_token_stats
 
@@ -66,7 +67,7 @@ def test_bf16_gradients_are_handed_over_in_the_parameters_dtype():
 
 def test_bf16_statistics_are_float32_products_of_the_bf16_head(monkeypatch):
     hidden, weight, ids, teacher, mask, _ = inputs(2)
-    monkeypatch.setattr(lean_module, "HEAD_BLOCK_ROWS", 10)  # several blocks, a ragged last one
+    monkeypatch.setattr(lean_stats_module, "HEAD_BLOCK_ROWS", 10)  # several blocks, a ragged last one
     stats = token_stats_from_hidden(hidden, weight, teacher, ids, mask, chunk_rows=33)
     reference = compute_token_stats(hidden.double() @ weight.double().T, ids, teacher, mask)
     for name in STAT_NAMES:

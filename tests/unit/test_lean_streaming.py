@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tip_ray.config import LearnerConfig
 from tip_ray.tip import TeacherSignal
-from tip_ray.tip.lean import token_stats_from_hidden
+from tip_ray.tip.lean_stats import token_stats_from_hidden
 from tip_ray.tip.stats import STAT_NAMES, compute_token_stats
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5),

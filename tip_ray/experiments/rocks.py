@@ -43,7 +43,7 @@ def collect_divergence(cfg: TrainConfig, num_rollouts: int, prompts_per_batch: i
     from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
     from tip_ray.teacher.layout import first_scored_positions
     from tip_ray.teacher.worker import TeacherWorker
-    from tip_ray.tip.lean import token_stats_from_hidden
+    from tip_ray.tip.lean_stats import token_stats_from_hidden
     from tip_ray.types import RolloutBatch, TrainBatch
 
     if num_rollouts < 1:

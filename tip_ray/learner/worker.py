@@ -42,7 +42,8 @@ from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.devices import to_device
 from tip_ray.learner import collectives
 from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
-from tip_ray.tip.lean import kept_token_loss, token_stats_from_hidden
+from tip_ray.tip.lean import kept_token_loss
+from tip_ray.tip.lean_stats import token_stats_from_hidden
 from tip_ray.tip.select import quadrants, select_flat
 from tip_ray.tip.stats import STAT_NAMES, TokenStats
 from tip_ray.types import TrainBatch

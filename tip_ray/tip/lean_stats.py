@@ -1,0 +1,339 @@
+"""The statistics pass of the memory-lean path (TIP_SPEC section 6): per-token statistics from
+the final hidden states and the lm_head, without gradient, never holding [rows x V] logits.
+
+``token_stats_from_hidden`` runs the lm_head on the valid hidden states ``chunk_rows`` rows at a
+time, each block of rows streamed over blocks of ``vocab_chunk`` vocabulary ids (an online
+log-sum-exp, as in fused cross-entropy kernels); only a few floats per token are kept. Statistics
+are computed from float32 logits (float64 stays float64) even when the backbone and the lm_head
+are bf16: the lm_head is upcast ``HEAD_BLOCK_ROWS`` vocabulary rows at a time, never whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tip_ray.tip.signal import TeacherSignal
+from tip_ray.tip.stats import (
+    DEFAULT_TA_K,
+    TokenStats,
+    row_stats,
+    stats_for_rows,
+    validate_student_inputs,
+    work_dtype,
+)
+from tip_ray.tip.support import (
+    aligned_distributions,
+    generalized_jsd_over,
+    kl_over,
+    stable_topk_ids,
+    teacher_logprob_lookup,
+)
+
+DEFAULT_LEAN_CHUNK_ROWS = 512
+# Vocabulary entries per block of the statistics pass: its temporaries are [chunk_rows x
+# DEFAULT_LEAN_VOCAB_CHUNK] (32 MiB each in float32 at 512 rows) instead of [chunk_rows x V].
+DEFAULT_LEAN_VOCAB_CHUNK = 16384
+# Vocabulary rows of a low-precision lm_head upcast at a time for the statistics' logits: a
+# [HEAD_BLOCK_ROWS, H] float32 copy (84 MB at H = 2560) instead of the whole head's.
+HEAD_BLOCK_ROWS = 8192
+
+
+def _check_head(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lm_head_bias: torch.Tensor | None) -> tuple[int, int, int]:
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, H] with H = {hidden.shape[-1]} (hidden size), got {tuple(lm_head_weight.shape)}"
+        )
+    if lm_head_bias is not None and tuple(lm_head_bias.shape) != (lm_head_weight.shape[0],):
+        raise ValueError(f"lm_head_bias must be [V] = [{lm_head_weight.shape[0]}], got {tuple(lm_head_bias.shape)}")
+    return hidden.shape[0], hidden.shape[1], lm_head_weight.shape[0]
+
+
+def _check_chunk(chunk_rows: int, name: str = "chunk_rows") -> None:
+    if chunk_rows < 1:
+        raise ValueError(f"{name} must be >= 1, got {chunk_rows}")
+
+
+def _head_logits(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Logits ``rows @ weight.T + bias`` [N, V] in ``dtype`` for rows [N, H], weight [V, H], bias [V],
+    on the rows' device. Operands in another dtype are upcast block by block (``HEAD_BLOCK_ROWS``
+    vocabulary rows of the weight at a time): products of bf16 values are exact in float32, so
+    this equals the float32 product of the upcast head without ever holding that copy."""
+    if rows.dtype == dtype and weight.dtype == dtype and (bias is None or bias.dtype == dtype):
+        return F.linear(rows, weight, bias)
+    rows = rows.to(dtype)
+    vocab = weight.shape[0]
+    out = torch.empty(rows.shape[0], vocab, dtype=dtype, device=rows.device)
+    for start in range(0, vocab, HEAD_BLOCK_ROWS):
+        stop = min(start + HEAD_BLOCK_ROWS, vocab)
+        out[:, start:stop] = F.linear(rows, weight[start:stop].to(dtype),
+                                      None if bias is None else bias[start:stop].to(dtype))
+    return out
+
+
+@torch.no_grad()
+def token_stats_from_hidden(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher: TeacherSignal,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    ta_k: int = DEFAULT_TA_K,
+    chunk_rows: int = DEFAULT_LEAN_CHUNK_ROWS,
+    vocab_chunk: int = DEFAULT_LEAN_VOCAB_CHUNK,
+) -> TokenStats:
+    """Token statistics from final hidden states [B, T, H] and the lm_head ([V, H], bias [V]).
+
+    Same result as ``compute_token_stats`` on the logits ``hidden @ W.T + b`` taken in float32
+    (float64 if either operand is), computed ``chunk_rows`` valid positions at a time, without
+    gradient, on the device of ``hidden`` (every argument must be on it). A bf16 head is upcast
+    in blocks (``_head_logits``), never copied whole. Returns statistics [B, T] in that dtype.
+
+    ``vocab_chunk`` < V streams each block of rows over ``vocab_chunk`` vocabulary entries at a
+    time (``_streamed_stats_for_rows``): the working memory is O(chunk_rows x vocab_chunk) plus
+    O(rows x K) for the teacher signal, never a [chunk_rows, V] tensor (except the teacher's own
+    dense distribution in full mode, K = V). ``vocab_chunk`` >= V computes each block's full
+    logits and hands them to ``stats_for_rows``, the kernel of ``compute_token_stats``.
+    """
+    batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
+    _check_chunk(chunk_rows)
+    _check_chunk(vocab_chunk, "vocab_chunk")
+    validate_student_inputs((batch, length), vocab, response_ids, mask)
+    teacher.validate(batch, length, vocab, mask)
+    rows = hidden[mask]
+    if not bool(torch.isfinite(rows).all()):
+        raise ValueError("hidden states hold NaN or inf at a response position")
+    ids, t_ids, t_lp, t_samp = (
+        response_ids[mask], teacher.topk_ids[mask], teacher.topk_logprobs[mask], teacher.sampled_logprobs[mask]
+    )
+    work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
+    chunks = []
+    for i in range(0, rows.shape[0], chunk_rows):
+        part = (ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
+                t_samp[i : i + chunk_rows], ta_k)
+        if vocab_chunk >= vocab:
+            logits = _head_logits(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work)
+            chunks.append(stats_for_rows(logits, *part))
+            del logits
+        else:
+            chunks.append(_streamed_stats_for_rows(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work,
+                                                   vocab_chunk, *part))
+    return TokenStats.from_chunks(chunks, response_ids, mask, vocab, work)
+
+
+def _vocab_blocks(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                  vocab_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, logits [N, stop - start]) for consecutive vocabulary blocks of ``vocab_chunk``
+    ids, on the rows' device, in ``dtype``. Their finiteness is the caller's to check
+    (``_check_block_finite``)."""
+    vocab = weight.shape[0]
+    for start in range(0, vocab, vocab_chunk):
+        stop = min(start + vocab_chunk, vocab)
+        logits = _head_logits(rows, weight[start:stop], None if bias is None else bias[start:stop], dtype)
+        yield start, logits
+        del logits  # before the next block is made, not after
+
+
+def _check_block_finite(block_max: torch.Tensor, block_a: torch.Tensor) -> None:
+    """Raise if a block's logits held NaN or inf (as ``stats_for_rows`` does), from two [N]
+    reductions of the block instead of a pass over it: NaN and +inf make the row max non-finite,
+    and -inf makes exp(l - m) (l - m) = 0 x -inf NaN. Called before the block reaches a top-k."""
+    if not (bool(torch.isfinite(block_max).all()) and bool(torch.isfinite(block_a).all())):
+        raise ValueError("student logits hold NaN or inf at a response position")
+
+
+def _gather_in_block(values: torch.Tensor, ids: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` [N, G] with the entries of ``ids`` [N, G] that fall in the block ``values`` [N, W]
+    (vocabulary ids start .. start + W - 1) replaced by their values."""
+    local = ids - start
+    inside = (local >= 0) & (local < values.shape[-1])
+    return torch.where(inside, values.gather(-1, local.clamp(0, values.shape[-1] - 1)), out)
+
+
+@dataclass
+class _VocabularyScan:
+    """What one pass over a block of rows' vocabulary keeps per row [N]: the running max ``m``,
+    Z = sum exp(l - m), A = sum exp(l - m) (l - m), the mass outside the read ids (``tail``, top-K
+    mode), the logits at the read ids (``read`` [N, R]) and the running top candidates by logit
+    (``cand_vals``/``cand_ids``, in id order)."""
+
+    m: torch.Tensor
+    z: torch.Tensor
+    a: torch.Tensor
+    tail: torch.Tensor | None
+    read: torch.Tensor
+    cand_vals: torch.Tensor
+    cand_ids: torch.Tensor
+
+
+def _scan_vocabulary(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                     vocab_chunk: int, read_ids: torch.Tensor, n_cand: int, with_tail: bool) -> _VocabularyScan:
+    """One pass over the vocabulary blocks of the logits ``rows @ weight.T + bias`` (rows [N, H]):
+    an online log-sum-exp and entropy sum, the logits at ``read_ids`` [N, R], the mass outside
+    them (``with_tail``) and the running top-``n_cand`` by logit, ties to the lower id."""
+    n = rows.shape[0]
+    m = z = a = tail = None
+    cand_vals = cand_ids = None
+    read = torch.zeros(read_ids.shape, dtype=dtype, device=rows.device)
+    for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
+        width = logits.shape[-1]
+        block_max = logits.amax(-1)
+        new_m = block_max if m is None else torch.maximum(m, block_max)
+        shifted = logits - new_m.unsqueeze(-1)
+        e = shifted.exp()
+        block_z, block_a = e.sum(-1), (e * shifted).sum(-1)
+        _check_block_finite(block_max, block_a)
+        if with_tail:
+            local = read_ids - start
+            support = torch.zeros(n, width + 1, dtype=torch.bool, device=rows.device).scatter_(
+                -1, torch.where((local >= 0) & (local < width), local, width), True)[:, :width]
+            block_tail = e.masked_fill(support, 0.0).sum(-1)
+            del support
+        del shifted, e
+        if m is None:
+            z, a = block_z, block_a
+            tail = block_tail if with_tail else None
+        else:
+            # Rescale the running sums from max m to new_m: exp(l - new_m) = exp(m - new_m) exp(l - m).
+            step = m - new_m
+            scale = step.exp()
+            a = scale * (a + step * z) + block_a
+            z = scale * z + block_z
+            if with_tail:
+                tail = scale * tail + block_tail
+        m = new_m
+        read = _gather_in_block(logits, read_ids, start, read)
+        # Candidates stay in id order, so the concatenation is in id order too (earlier blocks
+        # hold lower ids).
+        local_top = stable_topk_ids(logits, min(n_cand, width))
+        vals, top_ids = logits.gather(-1, local_top), local_top + start
+        if cand_vals is not None:
+            vals, top_ids = torch.cat([cand_vals, vals], dim=-1), torch.cat([cand_ids, top_ids], dim=-1)
+        keep = stable_topk_ids(vals, min(n_cand, vals.shape[-1]))
+        cand_vals, cand_ids = vals.gather(-1, keep), top_ids.gather(-1, keep)
+        del logits
+    return _VocabularyScan(m, z, a, tail, read, cand_vals, cand_ids)
+
+
+def _full_divergences(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                      vocab_chunk: int, m: torch.Tensor, log_z: torch.Tensor, teacher_log: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact reverse KL, forward KL and JSD(0.5) in bits [N] between the student (logits
+    ``rows @ weight.T + bias``, normalised by the scan's ``m`` and ``log_z``) and the dense
+    ``teacher_log`` [N, V], summed block by block (a second pass over the vocabulary)."""
+    rkl = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device)
+    fkl, jsd = torch.zeros_like(rkl), torch.zeros_like(rkl)
+    for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
+        s_log = (logits - m.unsqueeze(-1)) - log_z.unsqueeze(-1)
+        t_log = teacher_log[:, start : start + logits.shape[-1]]
+        valid = torch.ones_like(s_log, dtype=torch.bool)
+        rkl += kl_over(s_log, t_log, valid)
+        fkl += kl_over(t_log, s_log, valid)
+        jsd += generalized_jsd_over(s_log, t_log, valid, 0.5)
+        del logits, s_log, valid
+    return rkl.clamp(min=0), fkl.clamp(min=0), (jsd / math.log(2)).clamp(0, 1)
+
+
+def _streamed_stats_for_rows(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    vocab_chunk: int,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    ta_k: int,
+) -> dict[str, torch.Tensor]:
+    """``stats_for_rows`` of the logits ``rows @ weight.T + bias`` without ever holding them whole.
+
+    rows [N, H], weight [V, H], bias [V]; teacher [N, K], [N, K], [N]; ids [N]; statistics in
+    ``dtype``, on the rows' device. One pass over vocabulary blocks of ``vocab_chunk`` ids
+    (``_scan_vocabulary``) keeps per row what the statistics need: log-probs are then
+    l - m - ln Z, and the statistics are formed from them by the same functions as
+    ``stats_for_rows``. Full mode (K = V) needs every log-prob of both sides for its exact
+    divergences: it recomputes each block in a second pass (``_full_divergences``).
+    """
+    n, vocab = rows.shape[0], weight.shape[0]
+    full = topk_ids.shape[-1] == vocab
+    k = min(ta_k, vocab)
+    ids, t_ids = response_ids.long(), topk_ids.long()
+    if full:
+        # The teacher's whole distribution arrived as [N, V]: densified per block of rows, as
+        # aligned_distributions does, so that its top-k and lookups are plain gathers.
+        _, teacher_log, _ = aligned_distributions(
+            torch.zeros(n, vocab, dtype=dtype, device=rows.device), ids, t_ids, topk_logprobs,
+            sampled_logprobs, True)
+        read_ids = torch.cat([stable_topk_ids(teacher_log, k), ids.unsqueeze(-1)], dim=-1)
+    else:
+        read_ids = torch.cat([t_ids, ids.unsqueeze(-1)], dim=-1)
+    # A few more candidates than k: the final ranking is by log-prob, where logits a rounding
+    # apart can tie and the tie then goes to the lower id, as in stats_for_rows.
+    scan = _scan_vocabulary(rows, weight, bias, dtype, vocab_chunk, read_ids, min(2 * k, vocab), not full)
+    log_z = scan.z.log()
+    read_lp = (scan.read - scan.m.unsqueeze(-1)) - log_z.unsqueeze(-1)
+    cand_lp = (scan.cand_vals - scan.m.unsqueeze(-1)) - log_z.unsqueeze(-1)
+    pick = stable_topk_ids(cand_lp, k)
+    s_top_ids, s_top_lp = scan.cand_ids.gather(-1, pick), cand_lp.gather(-1, pick)
+    entropy = log_z - scan.a / scan.z
+    sampled_lr = read_lp[:, -1] - sampled_logprobs.to(dtype)
+    if full:
+        rkl, fkl, jsd = _full_divergences(rows, weight, bias, dtype, vocab_chunk, scan.m, log_z, teacher_log)
+        t_top_ids = read_ids[:, :k]
+        s_at_t_top = read_lp[:, :k]
+
+        def lookup(query: torch.Tensor) -> torch.Tensor:
+            return teacher_log.gather(-1, query)
+    else:
+        s_log, t_log, valid = _aligned_from_parts(read_lp, (scan.tail.log() - log_z), ids, t_ids, topk_logprobs,
+                                                  sampled_logprobs)
+        rkl = kl_over(s_log, t_log, valid).clamp(min=0)
+        fkl = kl_over(t_log, s_log, valid).clamp(min=0)
+        jsd = (generalized_jsd_over(s_log, t_log, valid, 0.5) / math.log(2)).clamp(0, 1)
+        t_lp = topk_logprobs.to(dtype)
+
+        def lookup(query: torch.Tensor) -> torch.Tensor:
+            return teacher_logprob_lookup(query, response_ids, topk_ids, t_lp, sampled_logprobs)
+
+        t_top_pos = stable_topk_ids(t_lp, min(k, t_lp.shape[-1]))
+        t_top_ids = t_ids.gather(-1, t_top_pos)
+        s_at_t_top = read_lp[:, :-1].gather(-1, t_top_pos)
+    return row_stats(entropy, vocab, rkl, fkl, jsd, sampled_lr, k, s_top_ids, s_top_lp, t_top_ids, s_at_t_top,
+                     lookup)
+
+
+def _aligned_from_parts(
+    read_lp: torch.Tensor,
+    tail_log: torch.Tensor,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``aligned_distributions`` (top-K mode) from the student's log-probs at the teacher's ids
+    and the sampled id (``read_lp`` [N, K + 1]) and its log-mass outside them (``tail_log`` [N]).
+
+    The same function defines the support, bucket and renormalisation: it is handed a compact
+    "vocabulary" of K + 2 entries per row (the K teacher ids, the sampled id when it is not
+    among them, else -inf, and one entry holding the whole tail), whose tail is then exactly
+    ``tail_log``.
+    """
+    n, k = topk_ids.shape
+    hits = topk_ids == response_ids.unsqueeze(-1)
+    is_new = ~hits.any(-1)
+    compact_sampled = torch.where(is_new, k, hits.int().argmax(-1))
+    neg_inf = read_lp.new_full((), float("-inf"))
+    compact = torch.cat([read_lp[:, :-1], torch.where(is_new, read_lp[:, -1], neg_inf).unsqueeze(-1),
+                         tail_log.unsqueeze(-1)], dim=-1)
+    compact_topk = torch.arange(k, device=topk_ids.device).expand(n, k)
+    return aligned_distributions(compact, compact_sampled, compact_topk, topk_logprobs, sampled_logprobs, False)
