@@ -189,6 +189,16 @@ def test_training_survives_a_killed_rollout_actor_and_a_killed_teacher_actor(clu
         assert any(e.startswith("rollout pool: actor 1 failed") and "restarted, retry 1/" in e for e in events), events
         assert any(e.startswith("teacher pool: actor 0 failed") and "restarted, retry 1/" in e for e in events), events
 
+        # A rollout actor that dies during a weight sync: Ray restarts it, and the sync is sent again
+        # to the actors still behind (the restarted one starts from the initial weights).
+        killed_at_sync = pid(rollout[0])
+        os.kill(killed_at_sync, signal.SIGKILL)
+        trainer._sync()
+        assert trainer.version == 4 and ray.get([a.weight_version.remote() for a in rollout]) == [4, 4]
+        assert pid(rollout[0]) != killed_at_sync
+        events = [json.loads(line)["event"] for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        assert any("failed during the weight sync to version 4" in e and "retry 1/" in e for e in events), events
+
         # One seed per prompt: the pool's two actors sample what one actor samples alone.
         prompts = [trainer.eval_data[i].prompt_ids for i in range(6)]
         seeds = sample_seeds(0, 0, 0, len(prompts))

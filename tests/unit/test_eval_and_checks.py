@@ -118,13 +118,17 @@ def test_eval_command_reports_bad_input_clearly(overrides, message, tmp_path):
 
 
 def test_grader_failures_are_counted_wrong_and_reported(test_set):
-    from tip_ray.eval.held_out import held_out_samples
+    from tip_ray.eval.evaluator import generate_and_grade
+    from tip_ray.eval.held_out import HeldOutEval
 
     tok, data, problems = test_set
     # The third response makes math-verify time out (a tower of powers): wrong, and counted.
     answers = [[f"\\boxed{{{problems[0].answer}}}"], ["\\boxed{0}"], ["\\boxed{10^{10^{10^{10}}}}"], ["no answer"]]
-    report = evaluate(ScriptedEngine(tok, answers), tok, data, "math", SamplingSettings(n=1), name="t")
-    assert report.accuracy == pytest.approx(1 / 4) and report.grader_errors == 1
-    assert report.summary()["grader_errors"] == 1
-    held_out = held_out_samples(ScriptedEngine(tok, answers), tok, data, "math", max_new_tokens=8)
+    graded = generate_and_grade(ScriptedEngine(tok, answers), tok, data, "math", SamplingSettings(n=1))
+    assert graded.correct == (True, False, False, False) and graded.grader_errors == 1
+    assert graded.grader_error_reasons == {"timeout": 1}
+    held_out = HeldOutEval(graded.generations, graded.correct, grader_errors=graded.grader_errors)
     assert held_out.metrics()["eval/grader_errors"] == 1 and held_out.metrics()["eval/accuracy"] == pytest.approx(0.25)
+    report = evaluate(ScriptedEngine(tok, answers[:2] + [["\\boxed{0}"]] + answers[3:]), tok, data, "math",
+                      SamplingSettings(n=1))
+    assert report.grader_errors == 0 and report.summary()["grader_errors"] == 0

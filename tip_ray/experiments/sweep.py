@@ -210,9 +210,11 @@ class SweepStopped(Exception):
 
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
-    """Within the block, a SIGTERM of this process raises KeyboardInterrupt as a Ctrl-C does, so
-    both stop the run in flight the same way (signal handlers can only be set in the main thread:
-    elsewhere this does nothing)."""
+    """Within the block, a SIGTERM or SIGINT of this process raises KeyboardInterrupt, so both
+    stop the run in flight the same way. SIGINT is handled explicitly too: a process started in
+    the background of a non-interactive shell inherits SIGINT ignored, and Python then installs
+    no Ctrl-C handler of its own. Signal handlers can only be set in the main thread: elsewhere
+    this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -220,11 +222,12 @@ def sigterm_interrupts() -> Iterator[None]:
     def interrupt(_signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def train_command(run: PlannedRun, python: str = sys.executable) -> list[str]:
