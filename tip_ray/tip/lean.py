@@ -39,6 +39,7 @@ from tip_ray.tip.lean_stats import (
     HEAD_BLOCK_ROWS,
     _check_chunk,
     _check_head,
+    compact_buckets,
     token_stats_from_hidden,
 )
 from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losses_for_rows
@@ -75,12 +76,12 @@ def _bucketed_chunk_grad(
 
     A top-K loss reads the student only through the log-mass of its buckets (each teacher id, the
     sampled id, the tail holding every other id): x_b = log sum_{j in b} exp(l_j). The loss is
-    computed by autograd on those [N, K + 2] bucket values (the same ``token_losses_for_rows``,
-    as ``_aligned_from_parts`` does for the statistics), and its gradient g_b is carried back to
-    the logits by dx_b/dl_j = exp(l_j - x_b) for j in b: g_b itself for a single-id bucket, and
+    computed by autograd on those [N, K + 2] bucket values (``compact_buckets``, the compact
+    vocabulary the statistics use too, through the same ``token_losses_for_rows``), and its
+    gradient g_b is carried back to the logits by dx_b/dl_j = exp(l_j - x_b) for j in b: g_b itself for a single-id bucket, and
     g_tail exp(l_j - x_tail) for each tail id. The tail's terms are formed in place.
     """
-    n, k = topk_ids.shape
+    k = topk_ids.shape[-1]
     t_ids, ids = topk_ids.long(), response_ids.long().unsqueeze(-1)
     read = logits.gather(-1, torch.cat([t_ids, ids], dim=-1))
     # The support ids leave the tail: exp(-inf) = 0 below, so they hold no tail term.
@@ -88,19 +89,15 @@ def _bucketed_chunk_grad(
     tail_max = logits.amax(-1, keepdim=True)
     tail_terms = logits.sub_(tail_max).exp_()  # exp(l_j - tail_max) for tail ids, 0 on the support
     tail_sum = tail_terms.sum(-1)
-    is_new = ~(t_ids == ids).any(-1)
-    hits = (t_ids == ids).int().argmax(-1)
-    neg_inf = read.new_full((), float("-inf"))
-    buckets = torch.cat([read[:, :k], torch.where(is_new, read[:, k], neg_inf).unsqueeze(-1),
-                         (tail_max.squeeze(-1) + tail_sum.log()).unsqueeze(-1)], dim=-1)
+    buckets, sampled_place, topk_places = compact_buckets(read, tail_max.squeeze(-1) + tail_sum.log(),
+                                                          response_ids.long(), t_ids)
     with torch.enable_grad():
         buckets = buckets.detach().requires_grad_(True)
-        per_token = token_losses_for_rows(
-            buckets, torch.where(is_new, k, hits), torch.arange(k, device=t_ids.device).expand(n, k),
-            topk_logprobs, sampled_logprobs, kind, beta,
-        )
+        per_token = token_losses_for_rows(buckets, sampled_place, topk_places, topk_logprobs, sampled_logprobs,
+                                          kind, beta)
         chunk_loss = (per_token * weights.to(per_token.dtype)).sum()
         (grad_buckets,) = torch.autograd.grad(chunk_loss, buckets)
+    is_new = sampled_place == k
     grad_logits = tail_terms.mul_((grad_buckets[:, k + 1] / tail_sum).unsqueeze(-1))
     # scatter_add: a teacher id listed twice receives both slots' gradients, as under autograd.
     grad_logits.scatter_add_(-1, t_ids, grad_buckets[:, :k])
