@@ -57,8 +57,9 @@ def connect(cfg: TrainConfig) -> None:
 
 
 class RayRuntime:
-    """The pools of a run on Ray (see the module docstring). ``teacher_vocab``: the teacher's
-    vocabulary size (the padding placeholder of its signal, ``tip_ray.teacher.layout``)."""
+    """The pools of a run on Ray (see the module docstring). ``teacher_vocab``: the rows the
+    teacher scores (its vocabulary, cut to the student's; the padding placeholder of its signal,
+    ``tip_ray.teacher.layout``, is -log of it)."""
 
     def __init__(self, cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> None:
         connect(cfg)
