@@ -121,6 +121,8 @@ def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
     """The few numbers the progress bar shows of a step's line."""
     fields = {"loss": f"{metrics['loss']:.4f}", "kept": f"{metrics['kept_fraction']:.2f}",
               "tok/s": f"{metrics['tokens_per_second']:.0f}", "v": str(metrics["weight_version"])}
+    if metrics.get("reward/mean") is not None:
+        fields["reward"] = f"{metrics['reward/mean']:.2f}"
     if metrics.get("eval/accuracy") is not None:
         fields["acc"] = f"{metrics['eval/accuracy']:.3f}"
     return fields
