@@ -101,3 +101,16 @@ def test_with_the_reward_term_a_chunk_still_holds_one_float32_rows_by_vocabulary
                                 advantages=ADVANTAGES.float())
         out.loss.backward()
     assert probe.most <= 1, probe.most
+
+
+def test_a_bf16_head_with_the_reward_term_is_close_to_float64():
+    h, w, bias, signal, ids, mask, weights = _inputs(vocab=301, k=8, hidden=16)
+    ref = kept_token_losses(h, w, signal, ids, weights, mask, lm_head_bias=bias, chunk_rows=5, advantages=ADVANTAGES)
+    ref_grads = torch.autograd.grad(ref.loss, (h, w))
+    hb, wb = (t.detach().bfloat16().requires_grad_(True) for t in (h, w))
+    out = kept_token_losses(hb, wb, signal, ids, weights.float(), mask, lm_head_bias=bias.detach().bfloat16(),
+                            chunk_rows=5, advantages=ADVANTAGES.float())
+    grads = torch.autograd.grad(out.loss, (hb, wb))
+    assert abs(out.reward.item() - ref.reward.item()) < 0.02 * abs(ref.reward.item())
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16 and float((got.double() - want).norm() / want.norm()) < 0.05
