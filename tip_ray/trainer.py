@@ -48,6 +48,7 @@ from tip_ray.driver.metrics import (
     learner_metrics,
     progress_bar,
     progress_fields,
+    reward_metrics,
     sample_metrics,
     timing_metrics,
 )
@@ -258,8 +259,15 @@ class Trainer:
         with clock.phase("teacher"):
             input_ids, attention, loss_mask = rollouts.to_sequences(self.tokenizer.pad_token_id)
             signal = self._score(input_ids, attention, loss_mask, f"step {step}")
+        rewards = None
+        if self.cfg.loss.reward.enabled:
+            from tip_ray.driver.rewards import grade_rollouts
+
+            with clock.phase("reward"):
+                rewards = grade_rollouts(rollouts, batch.answers, self.tokenizer, self.cfg.grader, self.cfg.loss.reward)
         with clock.phase("learner"):
-            train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
+            train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version,
+                               advantages=None if rewards is None else rewards.advantages)
             metrics, stepped = self.runtime.learner.train_step(train)
             self._apply(step, stepped)
         with clock.phase("sync"):
@@ -271,6 +279,8 @@ class Trainer:
                 **timing_metrics(clock.times, sync_seconds, int(loss_mask.sum())),
                 "weight_version": self.state.version, "staleness": staleness, "epoch": batch.epoch,
                 "skipped_total": self.state.bad_steps.total}
+        if rewards is not None:
+            line.update(reward_metrics(rewards, metrics[0], self.cfg.loss.reward.coef))
         return line, upcoming
 
     # --- evaluation -------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class TrainBatch:
     ``input_ids``/``attention_mask`` [B, L]; ``loss_mask`` [B, L-1] is True where position t
     predicts a response token ``input_ids[:, t+1]``; ``teacher`` is aligned with those L-1
     positions ([B, L-1, K]). ``policy_version`` is the weight version that sampled the responses.
+    ``advantages``: float32 [B], each sequence's task-reward advantage (``loss.reward``), or None
+    when the reward term is off.
     """
 
     input_ids: torch.Tensor
@@ -82,6 +84,7 @@ class TrainBatch:
     loss_mask: torch.Tensor
     teacher: TeacherSignal
     policy_version: int = 0
+    advantages: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b, length = self.input_ids.shape
@@ -90,6 +93,10 @@ class TrainBatch:
         if tuple(self.loss_mask.shape) != (b, length - 1) or self.loss_mask.dtype != torch.bool:
             raise ValueError(f"loss_mask must be bool [B, L-1] = {(b, length - 1)}, got "
                              f"{self.loss_mask.dtype} {tuple(self.loss_mask.shape)}")
+        if self.advantages is not None and (tuple(self.advantages.shape) != (b,)
+                                            or not self.advantages.dtype.is_floating_point):
+            raise ValueError(f"advantages must be float [B] = [{b}], got {self.advantages.dtype} "
+                             f"{tuple(self.advantages.shape)}")
 
     @property
     def size(self) -> int:
@@ -115,6 +122,7 @@ class TrainBatch:
             TeacherSignal(t.topk_ids[index, : width - 1], t.topk_logprobs[index, : width - 1],
                           t.sampled_logprobs[index, : width - 1]),
             self.policy_version,
+            advantages=None if self.advantages is None else self.advantages[index],
         )
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +38,11 @@ class FakeRollouts:
     length: int = 4
     served: int = 0
     launches: list[int] = field(default_factory=list)  # the served version at each launch
+    respond: Callable[[int], list[int]] | None = None  # sample number within its prompt -> its token ids
 
     def _generations(self, prompts) -> tuple[Generation, ...]:
+        if self.respond is not None:
+            return tuple(Generation(i, self.respond(s), [], "stop") for i in range(len(prompts)) for s in range(self.n))
         return tuple(Generation(i, [5 + (i + j) % 20 for j in range(self.length)], [], "stop")
                      for i in range(len(prompts)) for _ in range(self.n))
 
@@ -88,6 +92,7 @@ class FakeLearner:
     updates: int = 0
     trained: float = 0.0  # a checksum of every batch trained on: equal runs trained on equal data
     batches: list[int] = field(default_factory=list)
+    advantages: list = field(default_factory=list)  # each step's batch.advantages
 
     def train_step(self, batch: TrainBatch) -> tuple[list[StepMetrics], dict[str, float] | None]:
         outcome = self.script.pop(0) if self.script else "ok"
@@ -96,9 +101,11 @@ class FakeLearner:
         if outcome == "signal":
             os.kill(os.getpid(), __import__("signal").SIGTERM)
         valid = int(batch.loss_mask.sum())
+        self.advantages.append(batch.advantages)
         metrics = StepMetrics(loss=1.0, kept_tokens=valid, valid_tokens=valid, kept_fraction=1.0,
                               quadrant_shares={f"Q{i}": 0.25 for i in range(1, 5)}, entropy_mean=1.0,
-                              entropy_kept_mean=1.0, rkl_mean=0.5, rkl_kept_mean=0.5, skipped=outcome == "skip")
+                              entropy_kept_mean=1.0, rkl_mean=0.5, rkl_kept_mean=0.5, skipped=outcome == "skip",
+                              reward_loss=None if batch.advantages is None else 0.25)
         if outcome == "skip":
             return [metrics] * self.world_size, None
         self.updates += 1

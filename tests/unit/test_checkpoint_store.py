@@ -162,8 +162,9 @@ def test_the_identity_still_holds_every_key_of_the_old_list(default_config):
     for old in _OLD_IDENTITY_KEYS:
         covered = [k for k in IDENTITY_KEYS if k == old or k.startswith(old + ".")]
         assert covered, old
-    for section in ("selection", "loss"):
-        assert {f"{section}.{name}" for name in default_config[section]} <= set(IDENTITY_KEYS)
+    for section in ("selection", "loss"):  # every setting of them, nested ones (loss.reward.*) included
+        for name in default_config[section]:
+            assert [k for k in IDENTITY_KEYS if k == f"{section}.{name}" or k.startswith(f"{section}.{name}.")], name
 
 
 def test_a_renamed_or_missing_field_fails_to_resolve(default_config):

@@ -44,6 +44,7 @@ from tip_ray.config.learning import (
     LossConfig,
     SelectionConfig,
 )
+from tip_ray.config.reward import RewardConfig
 from tip_ray.config.run import (
     ON_LEARNER_FAILURE,
     PLACEMENT_STRATEGIES,
@@ -79,6 +80,7 @@ __all__ = [
     "SelectionConfig",
     "LossConfig",
     "LearnerConfig",
+    "RewardConfig",
     "TEACHER_BACKENDS",
     "VALUE_DTYPES",
     "MODEL_DTYPES",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tip_ray.config.fields import identity, raise_first_failure
+from tip_ray.config.reward import RewardConfig
 
 SELECTION_SCOPES = ("global", "rank", "micro_batch", "sequence")
 ZERO_STAGES = (1, 2, 3)
@@ -62,11 +63,13 @@ class SelectionConfig:
 
 @dataclass
 class LossConfig:
-    """The distillation objective on the kept tokens (TIP_SPEC section 5)."""
+    """The distillation objective on the kept tokens (TIP_SPEC section 5), and the task-reward
+    term added to it (``reward``, off by default: ``tip_ray.config.reward``)."""
 
     kind: str = identity("rkl")
     beta: float = identity(0.5)
     normalization: str = identity("kept")
+    reward: RewardConfig = identity(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         from tip_ray.tip.losses import check_loss_options

@@ -315,6 +315,7 @@ class TrainConfig:
                 f"trainer.prompts_per_step * rollout.n = {samples} sequences per step, but "
                 f"learner.global_batch_size = {self.learner.global_batch_size}; make them equal"
             )
+        self.loss.reward.check_run(self.data.answer_field, self.rollout.n)
         if self.sync.transport == "collective" and self.rollout.engine != "vllm":
             raise ValueError(f"sync.transport=collective needs rollout.engine=vllm (every vLLM worker joins the "
                              f"weight group); with rollout.engine={self.rollout.engine} set sync.transport=object_store")

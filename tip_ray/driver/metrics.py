@@ -34,6 +34,15 @@ def learner_metrics(m: Any, stepped: dict[str, float] | None) -> dict[str, float
     }
 
 
+def reward_metrics(rewards: Any, m: Any, coef: float) -> dict[str, float]:
+    """The task-reward part (``loss.reward`` on): the driver's grades (``StepRewards.metrics``:
+    ``reward/mean``, advantage mean/std, graded fraction, grader errors), the learner's reward term
+    before its coefficient (``reward/pg_loss``; ``loss`` stays the distillation loss) and the
+    objective trained, ``reward/total_loss`` = loss + coef * pg_loss (NaN for a skipped step)."""
+    pg = m.reward_loss if m.reward_loss is not None else float("nan")
+    return {**rewards.metrics(), "reward/pg_loss": pg, "reward/total_loss": m.loss + coef * pg}
+
+
 def sample_metrics(rollouts: RolloutBatch, signal: TeacherSignal, loss_mask: torch.Tensor) -> dict[str, float]:
     """The samples' part: mean response length, truncated samples, and the teacher's top-K + tail
     entropy averaged over the response positions ``loss_mask`` [B, L-1] of ``signal`` [B, L-1, K]."""
@@ -112,6 +121,8 @@ def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
     """The few numbers the progress bar shows of a step's line."""
     fields = {"loss": f"{metrics['loss']:.4f}", "kept": f"{metrics['kept_fraction']:.2f}",
               "tok/s": f"{metrics['tokens_per_second']:.0f}", "v": str(metrics["weight_version"])}
+    if metrics.get("reward/mean") is not None:
+        fields["reward"] = f"{metrics['reward/mean']:.2f}"
     if metrics.get("eval/accuracy") is not None:
         fields["acc"] = f"{metrics['eval/accuracy']:.3f}"
     return fields

@@ -42,7 +42,7 @@ from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.devices import to_device
 from tip_ray.learner import collectives
 from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
-from tip_ray.tip.lean import kept_token_loss
+from tip_ray.tip.lean import kept_token_losses
 from tip_ray.tip.lean_stats import token_stats_from_hidden
 from tip_ray.tip.select import quadrants, select_flat
 from tip_ray.tip.stats import STAT_NAMES, TokenStats
@@ -68,6 +68,10 @@ class StepMetrics:
     # selection (the global gather and the rule), gradient (the kept-token loss and the backward),
     # optimizer (clip, step, schedule; filled in by train_step).
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    # The task-reward term (loss.reward) before its coefficient: sum -A log p(y) over the global
+    # batch's response tokens / their count; None when the term is off. ``loss`` stays the
+    # distillation loss alone.
+    reward_loss: float | None = None
 
 
 def _peak_memory_bytes() -> int:
@@ -308,9 +312,12 @@ class LearnerWorker:
         return per_micro, everything, weights_flat
 
     def forward_backward(self, batch: TrainBatch) -> StepMetrics:
-        """Statistics, global selection, and the kept-token loss's backward for this rank's batch."""
+        """Statistics, global selection, and the kept-token loss's backward for this rank's batch
+        (with ``loss.reward`` on, plus the task-reward term on every response token of the
+        sequences with a non-zero ``batch.advantages``)."""
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        reward = self._reward_coef(batch)
         clock = time.perf_counter()
         batch = self.place(batch)
         micro = self._micro_batches(batch)
@@ -331,28 +338,41 @@ class LearnerWorker:
 
         phases["selection"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum = reward_sum = 0.0
         for i, (mb, w) in enumerate(zip(micro, weights)):
             hidden = hiddens[i] if hiddens[i] is not None else self._hidden(mb)
             hiddens[i] = None  # the graph is freed by its backward
             with self._lm_head() as (weight, bias):
                 # float32 weights on the engine's device: soft weights are not rounded to bf16.
-                loss = kept_token_loss(
+                # The reward term is a token mean over the global batch's response tokens (totals[1]).
+                losses = kept_token_losses(
                     hidden, weight, mb.teacher, mb.targets, to_device(w, self.device, float_dtype=torch.float32),
                     mb.loss_mask, lm_head_bias=bias,
                     kind=self.loss_cfg.kind, beta=self.loss_cfg.beta, normalization=self.loss_cfg.normalization,
                     denominator=denominator, chunk_rows=self.cfg.chunk_rows,
+                    advantages=mb.advantages, reward_coef=reward or 1.0, reward_denominator=float(totals[1]),
                 )
                 # DeepSpeed averages gradients over ranks; the world-size factor undoes it.
-                self.engine.backward(loss * world, scale_wrt_gas=False)
-            loss_sum += float(loss.detach())
+                self.engine.backward(losses.loss * world, scale_wrt_gas=False)
+            loss_sum += float(losses.distill)
+            reward_sum += float(losses.reward)
             if i < len(micro) - 1:
                 self.engine.step()  # accumulation only: DeepSpeed steps at the boundary
         phases["gradient"] = time.perf_counter() - clock
-        total = collectives.all_reduce(torch.tensor([loss_sum], dtype=torch.float64))
+        total = collectives.all_reduce(torch.tensor([loss_sum, reward_sum], dtype=torch.float64))
         global_weights, _ = collectives.all_gather_rows(local_weights.double().unsqueeze(-1))
-        metrics = self._metrics(float(total), table, global_weights[:, 0] != 0, totals)
-        return dataclasses.replace(metrics, peak_memory_bytes=_peak_memory_bytes(), phase_seconds=phases)
+        metrics = self._metrics(float(total[0]), table, global_weights[:, 0] != 0, totals)
+        return dataclasses.replace(metrics, peak_memory_bytes=_peak_memory_bytes(), phase_seconds=phases,
+                                   reward_loss=float(total[1]) if reward is not None else None)
+
+    def _reward_coef(self, batch: TrainBatch) -> float | None:
+        """``loss.reward.coef`` when the reward term is on (None when off); a batch whose
+        ``advantages`` disagree with ``loss.reward.enabled`` is refused."""
+        enabled = self.loss_cfg.reward.enabled
+        if enabled != (batch.advantages is not None):
+            raise ValueError("loss.reward.enabled=true but the batch carries no advantages" if enabled else
+                             "the batch carries advantages but loss.reward.enabled=false")
+        return self.loss_cfg.reward.coef if enabled else None
 
     @staticmethod
     def _skipped_metrics(micro: list[TrainBatch]) -> StepMetrics:

@@ -3,9 +3,12 @@
 Nothing in this package imports Ray, DeepSpeed, vLLM or Hydra; a test enforces it.
 """
 
+from tip_ray.tip.advantages import sequence_advantages
 from tip_ray.tip.lean import (
+    KeptTokenLosses,
     LeanLossOutput,
     kept_token_loss,
+    kept_token_losses,
     lean_distill_loss,
     token_stats_from_hidden,
 )
@@ -13,6 +16,7 @@ from tip_ray.tip.losses import (
     LOSS_KINDS,
     NORMALIZATIONS,
     distill_loss_from_logits,
+    policy_gradient_loss_from_logits,
     reduce_token_loss,
     token_losses_for_rows,
 )
@@ -37,6 +41,7 @@ __all__ = [
     "NORMALIZATIONS",
     "RULES",
     "STAT_NAMES",
+    "KeptTokenLosses",
     "LeanLossOutput",
     "Quadrants",
     "Rule",
@@ -47,13 +52,16 @@ __all__ = [
     "distill_loss_from_logits",
     "get_rule",
     "kept_token_loss",
+    "kept_token_losses",
     "lean_distill_loss",
+    "policy_gradient_loss_from_logits",
     "quadrants",
     "reduce_token_loss",
     "register_rule",
     "rule_names",
     "select_flat",
     "select_tokens",
+    "sequence_advantages",
     "stats_for_rows",
     "token_losses_for_rows",
     "token_stats_from_hidden",

@@ -14,6 +14,11 @@ never holds them with gradient:
    signal that gradient is derived from the loss on the K + 2 bucket masses and written over the
    chunk's logits, so the chunk holds one [chunk_rows, V] float32 tensor.
 
+With per-sequence ``advantages`` (task rewards, ``tip_ray.tip.advantages``) ``kept_token_losses`` adds
+the on-policy policy gradient -A_i log p(y_t) at every response token of sequence i: log p(y_t) is
+the sampled id's bucket less the log-sum-exp of the buckets, so the term rides on the same chunks
+(its rows join the kept ones) with no other [chunk_rows, V] tensor.
+
 Working memory is O(chunk_rows * vocab_chunk) for the statistics and O(chunk_rows * V) for the
 kept-token loss (one such tensor with a top-K signal, several in full mode), whatever the number
 of tokens, plus the lm_head's gradient. The loss's chunks hold min(chunk_rows, kept rows) rows.
@@ -47,39 +52,67 @@ from tip_ray.tip.select import Direction, Scope, token_weights
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, validate_student_inputs, work_dtype
 
-__all__ = ["DEFAULT_LEAN_CHUNK_ROWS", "DEFAULT_LEAN_VOCAB_CHUNK", "HEAD_BLOCK_ROWS", "LeanLossOutput",
-           "kept_token_loss", "lean_distill_loss", "token_stats_from_hidden"]
+__all__ = ["DEFAULT_LEAN_CHUNK_ROWS", "DEFAULT_LEAN_VOCAB_CHUNK", "HEAD_BLOCK_ROWS", "KeptTokenLosses",
+           "LeanLossOutput", "kept_token_loss", "kept_token_losses", "lean_distill_loss", "token_stats_from_hidden"]
+
+
+def _first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """bool [N, K]: True at the first slot of each distinct id of a row of ``ids`` [N, K]."""
+    ordered, order = ids.sort(dim=-1, stable=True)
+    repeat = torch.cat([torch.zeros_like(ordered[:, :1], dtype=torch.bool), ordered[:, 1:] == ordered[:, :-1]], -1)
+    return ~torch.zeros_like(repeat).scatter_(-1, order, repeat)
+
+
+def _with_policy_gradient(
+    distill: torch.Tensor, logits: torch.Tensor, sampled_place: torch.Tensor, pg_coefs: torch.Tensor | None,
+    distinct: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the chunk's objective: ``distill`` + sum_i c_i * -log p(y_i), log p(y_i) [N] detached or None)
+    from ``logits`` [N, S] (the full vocabulary, or the bucket log-masses with ``distinct`` [N, S]
+    marking the entries that count once in the normaliser) and ``pg_coefs`` c [N]."""
+    if pg_coefs is None:
+        return distill, None
+    normaliser = logits if distinct is None else logits.masked_fill(~distinct, float("-inf"))
+    logp = logits.gather(-1, sampled_place.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(normaliser, -1)
+    return distill - (pg_coefs.to(logp.dtype) * logp).sum(), logp.detach()
 
 
 def _autograd_chunk_grad(
     logits: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor, weights: torch.Tensor, kind: str, beta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_i w_i loss_i, its gradient with respect to ``logits`` [N, V]) by autograd through the
-    loss over the whole vocabulary: several [N, V] temporaries. Used where the bucketed form does
-    not apply (full mode)."""
+    pg_coefs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(sum_i w_i loss_i, log p(y_i) [N] or None, the gradient of sum_i w_i loss_i - c_i log p(y_i)
+    with respect to ``logits`` [N, V]; c = ``pg_coefs`` [N] or no such term) by autograd through
+    the loss over the whole vocabulary: several [N, V] temporaries. Used where the bucketed form
+    does not apply (full mode)."""
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(True)
         per_token = token_losses_for_rows(logits, response_ids, topk_ids, topk_logprobs, sampled_logprobs,
                                           kind, beta)
         chunk_loss = (per_token * weights.to(per_token.dtype)).sum()
-        (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-    return chunk_loss.detach(), grad_logits
+        objective, logp = _with_policy_gradient(chunk_loss, logits, response_ids.long(), pg_coefs)
+        (grad_logits,) = torch.autograd.grad(objective, logits)
+    return chunk_loss.detach(), logp, grad_logits
 
 
 def _bucketed_chunk_grad(
     logits: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor, weights: torch.Tensor, kind: str, beta: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_i w_i loss_i, its gradient with respect to ``logits`` [N, V]) for a top-K signal, in
-    the storage of ``logits`` (overwritten; float32 or float64), with no other [N, V] tensor.
+    pg_coefs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(sum_i w_i loss_i, log p(y_i) [N] or None, the gradient of sum_i w_i loss_i - c_i log p(y_i)
+    with respect to ``logits`` [N, V]; c = ``pg_coefs`` [N] or no such term) for a top-K signal,
+    in the storage of ``logits`` (overwritten; float32 or float64), with no other [N, V] tensor.
 
     A top-K loss reads the student only through the log-mass of its buckets (each teacher id, the
     sampled id, the tail holding every other id): x_b = log sum_{j in b} exp(l_j). The loss is
     computed by autograd on those [N, K + 2] bucket values (``compact_buckets``, the compact
     vocabulary the statistics use too, through the same ``token_losses_for_rows``), and its
     gradient g_b is carried back to the logits by dx_b/dl_j = exp(l_j - x_b) for j in b: g_b itself for a single-id bucket, and
-    g_tail exp(l_j - x_tail) for each tail id. The tail's terms are formed in place.
+    g_tail exp(l_j - x_tail) for each tail id. The tail's terms are formed in place. The policy
+    gradient term reads log p(y) = x_{b(y)} - log sum_b x_b over the buckets (a teacher id listed
+    twice counted once) and goes back to the logits the same way.
     """
     k = topk_ids.shape[-1]
     t_ids, ids = topk_ids.long(), response_ids.long().unsqueeze(-1)
@@ -96,34 +129,44 @@ def _bucketed_chunk_grad(
         per_token = token_losses_for_rows(buckets, sampled_place, topk_places, topk_logprobs, sampled_logprobs,
                                           kind, beta)
         chunk_loss = (per_token * weights.to(per_token.dtype)).sum()
-        (grad_buckets,) = torch.autograd.grad(chunk_loss, buckets)
+        distinct = None
+        if pg_coefs is not None:
+            distinct = torch.cat([_first_occurrences(t_ids), torch.ones_like(t_ids[:, :2], dtype=torch.bool)], -1)
+        objective, logp = _with_policy_gradient(chunk_loss, buckets, sampled_place, pg_coefs, distinct)
+        (grad_buckets,) = torch.autograd.grad(objective, buckets)
     is_new = sampled_place == k
     grad_logits = tail_terms.mul_((grad_buckets[:, k + 1] / tail_sum).unsqueeze(-1))
     # scatter_add: a teacher id listed twice receives both slots' gradients, as under autograd.
     grad_logits.scatter_add_(-1, t_ids, grad_buckets[:, :k])
     grad_logits.scatter_add_(-1, ids, torch.where(is_new, grad_buckets[:, k], 0.0).unsqueeze(-1))
-    return chunk_loss.detach(), grad_logits
+    return chunk_loss.detach(), logp, grad_logits
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum_i w_i * loss_i over rows, with the gradient computed chunk by chunk in forward.
+    """sum_i w_i * loss_i - c_i * log p(y_i) over rows, with the gradient computed chunk by chunk
+    in forward (``pg_coefs`` c None: no policy-gradient term).
 
     Each chunk's logits are made in the head's dtype (as the model's own lm_head would) and
     differentiated in float32; the lm_head/bias gradient sums over chunks in float32 (float64
     stays), the hidden-state gradient is written once per row in the hidden states' dtype. With a
     top-K signal the chunk's gradient with respect to its logits is formed in the logits' own
     storage (``_bucketed_chunk_grad``): one float32 [chunk_rows, V] tensor per chunk.
+
+    Outputs: the objective (with gradient), sum_i w_i * loss_i alone, and log p(y_i) [rows] (empty
+    without the term); the last two carry no gradient.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, response_ids, topk_ids, topk_logprobs, sampled_logprobs,
-                token_weights_, kind, beta, chunk_rows):
+                token_weights_, pg_coefs, kind, beta, chunk_rows):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         acc = work_dtype(weight.dtype)
         grad_hidden = torch.zeros_like(hidden) if need_h else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (bias is not None and need_b) else None
         total = torch.zeros((), dtype=work_dtype(hidden.dtype), device=hidden.device)
+        distill = torch.zeros_like(total)
+        logps = []
         # The bucketed gradient needs at least one id outside the support (K teacher ids + the
         # sampled one); full mode and vocabularies that small take the autograd path.
         bucketed = topk_ids.shape[-1] + 1 < weight.shape[0]
@@ -131,11 +174,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for i in range(0, hidden.shape[0], chunk_rows):
             rows = slice(i, i + chunk_rows)
             h = hidden[rows]
-            chunk_loss, grad_logits = chunk_grad(
+            coefs = pg_coefs[rows] if pg_coefs is not None else None
+            chunk_loss, logp, grad_logits = chunk_grad(
                 F.linear(h, weight, bias).to(acc), response_ids[rows], topk_ids[rows], topk_logprobs[rows],
-                sampled_logprobs[rows], token_weights_[rows], kind, beta,
+                sampled_logprobs[rows], token_weights_[rows], kind, beta, coefs,
             )
+            distill += chunk_loss.to(total.dtype)
             total += chunk_loss.to(total.dtype)
+            if logp is not None:
+                total -= (coefs.to(logp.dtype) * logp).sum().to(total.dtype)
+                logps.append(logp.to(total.dtype))
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
             if grad_weight is not None:
@@ -150,11 +198,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.consumed = False
-        return total
+        logp_rows = torch.cat(logps) if logps else total.new_zeros(0)
+        ctx.mark_non_differentiable(distill, logp_rows)
+        return total, distill, logp_rows
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_distill, _grad_logp):
         if ctx.consumed:
             raise RuntimeError("the lean TIP loss supports one backward pass per forward (no retain_graph reuse)")
         ctx.consumed = True
@@ -162,7 +212,96 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # .grad, so at most one cast copy of an lm_head-sized tensor is made (none in float32).
         grads = [g.mul_(grad_output.to(g.dtype)).to(dtype) if present else None
                  for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
+@dataclass(frozen=True)
+class KeptTokenLosses:
+    """``loss``: the scalar to differentiate, distillation + ``reward_coef`` * policy gradient;
+    ``distill`` and ``reward`` (the policy-gradient term before its coefficient): its two parts,
+    detached scalars (``reward`` 0 without advantages)."""
+
+    loss: torch.Tensor
+    distill: torch.Tensor
+    reward: torch.Tensor
+
+
+def kept_token_losses(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher: TeacherSignal,
+    response_ids: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lm_head_bias: torch.Tensor | None = None,
+    kind: str = "rkl",
+    beta: float = 0.5,
+    normalization: str = "kept",
+    denominator: float | torch.Tensor | None = None,
+    chunk_rows: int = DEFAULT_LEAN_CHUNK_ROWS,
+    advantages: torch.Tensor | None = None,
+    reward_coef: float = 1.0,
+    reward_denominator: float | torch.Tensor | None = None,
+) -> KeptTokenLosses:
+    """The distillation loss over the positions with non-zero ``weights`` [B, T], plus, with
+    ``advantages`` [B] (one per sequence), the policy-gradient term of task rewards.
+
+    Distillation: sum_t w_t loss_t / ``denominator`` (default from ``normalization`` and the local
+    ``weights``/``mask``, as in ``reduce_token_loss``). Reward term: ``reward_coef`` *
+    sum_{b, t in mask} -A_b log p(y_{b,t}) / ``reward_denominator`` (default: the local ``mask``
+    count; a data-parallel learner passes the global batch's response tokens, so the term is a
+    token-level mean over the global batch). It covers every valid token of a sequence with
+    A_b != 0, kept or not: those rows join the kept ones in the chunks, and no other [chunk_rows, V]
+    tensor appears. Gradient flows into ``hidden`` [B, T, H], ``lm_head_weight`` [V, H] and
+    ``lm_head_bias``; only ``chunk_rows`` rows of logits exist at a time. Equals
+    ``distill_loss_from_logits`` + ``reward_coef`` * ``policy_gradient_loss_from_logits`` on
+    ``hidden @ W.T + b``.
+    """
+    check_loss_options(kind, beta, normalization)
+    _check_chunk(chunk_rows)
+    batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
+    validate_student_inputs((batch, length), vocab, response_ids, mask)
+    if tuple(weights.shape) != (batch, length):
+        raise ValueError(f"weights must be [B, T] = {(batch, length)}, got {tuple(weights.shape)}")
+    if bool((weights[~mask] != 0).any()):
+        raise ValueError("weights are non-zero at positions outside the mask (prompt or padding)")
+    teacher.validate(batch, length, vocab, mask)
+    real = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    kept = weights != 0
+    den = loss_denominator(weights, mask, normalization) if denominator is None else denominator
+    den = torch.as_tensor(den, dtype=real, device=hidden.device)
+    distill_on = bool(kept.any()) and float(den) > 0
+    zero = torch.zeros((), dtype=real, device=hidden.device)
+    rows, pg_coefs = kept if distill_on else torch.zeros_like(kept), None
+    token_adv, reward_den = None, None
+    if advantages is not None:
+        if tuple(advantages.shape) != (batch,) or not advantages.dtype.is_floating_point:
+            raise ValueError(f"advantages must be float [B] = [{batch}], got {advantages.dtype} "
+                             f"{tuple(advantages.shape)}")
+        if not bool(torch.isfinite(advantages).all()):
+            raise ValueError("advantages hold NaN or inf")
+        token_adv = torch.where(mask, advantages.to(device=hidden.device, dtype=real).unsqueeze(-1), 0.0)
+        reward_den = torch.as_tensor(mask.sum() if reward_denominator is None else reward_denominator, dtype=real,
+                                     device=hidden.device)
+        if float(reward_den) > 0:
+            rows = rows | (token_adv != 0)
+    if not bool(rows.any()):
+        # Nothing to learn from: a zero that still joins the graph, so backward() works.
+        return KeptTokenLosses(hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0, zero, zero)
+    # The objective is divided by ``scale`` once; the reward rows' coefficients are scaled to match.
+    scale = den if distill_on else torch.ones((), dtype=real, device=hidden.device)
+    row_weights = weights[rows] if distill_on else torch.zeros_like(weights[rows])
+    if token_adv is not None and float(reward_den) > 0:
+        pg_coefs = token_adv[rows] * (reward_coef * scale / reward_den)
+    total, distill, logp = _ChunkedHeadLoss.apply(
+        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], teacher.topk_ids[rows],
+        teacher.topk_logprobs[rows], teacher.sampled_logprobs[rows], row_weights, pg_coefs, kind, beta, chunk_rows,
+    )
+    reward = zero
+    if pg_coefs is not None:
+        reward = -(token_adv[rows].to(logp.dtype) * logp).sum().to(real) / reward_den
+    return KeptTokenLosses(total / scale, (distill / scale).detach() if distill_on else zero, reward.detach())
 
 
 def kept_token_loss(
@@ -186,28 +325,11 @@ def kept_token_loss(
     Equals ``distill_loss_from_logits`` on ``hidden @ W.T + b`` with the same weights, but
     only ``chunk_rows`` rows of logits exist at a time. ``denominator`` as in
     ``reduce_token_loss`` (default from ``normalization`` and the local ``weights``/``mask``).
+    ``kept_token_losses`` adds the task-reward term.
     """
-    check_loss_options(kind, beta, normalization)
-    _check_chunk(chunk_rows)
-    batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
-    validate_student_inputs((batch, length), vocab, response_ids, mask)
-    if tuple(weights.shape) != (batch, length):
-        raise ValueError(f"weights must be [B, T] = {(batch, length)}, got {tuple(weights.shape)}")
-    if bool((weights[~mask] != 0).any()):
-        raise ValueError("weights are non-zero at positions outside the mask (prompt or padding)")
-    teacher.validate(batch, length, vocab, mask)
-    kept = weights != 0
-    den = loss_denominator(weights, mask, normalization) if denominator is None else denominator
-    den = torch.as_tensor(den, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32,
-                          device=hidden.device)
-    if not bool(kept.any()) or float(den) <= 0:
-        # Nothing to learn from: a zero that still joins the graph, so backward() works.
-        return hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0
-    total = _ChunkedHeadLoss.apply(
-        hidden[kept], lm_head_weight, lm_head_bias, response_ids[kept], teacher.topk_ids[kept],
-        teacher.topk_logprobs[kept], teacher.sampled_logprobs[kept], weights[kept], kind, beta, chunk_rows,
-    )
-    return total / den
+    return kept_token_losses(hidden, lm_head_weight, teacher, response_ids, weights, mask,
+                             lm_head_bias=lm_head_bias, kind=kind, beta=beta, normalization=normalization,
+                             denominator=denominator, chunk_rows=chunk_rows).loss
 
 
 @dataclass(frozen=True)

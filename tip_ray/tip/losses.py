@@ -124,3 +124,29 @@ def distill_loss_from_logits(
         teacher.sampled_logprobs[mask], kind, beta,
     )
     return reduce_token_loss(per_valid, weights[mask], mask, normalization, denominator)
+
+
+def policy_gradient_loss_from_logits(
+    student_logits: torch.Tensor,
+    response_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    denominator: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The task-reward term from full student logits [B, T, V] (with gradient): the on-policy
+    policy gradient sum_{b, t in mask} -A_b log P_S(y_{b,t}) / ``denominator`` (default: the
+    ``mask`` [B, T] count), ``advantages`` [B] one per sequence. The plain reference of the term
+    ``tip_ray.tip.lean.kept_token_losses`` adds."""
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
+    batch, length, vocab = student_logits.shape
+    validate_student_inputs((batch, length), vocab, response_ids, mask)
+    if tuple(advantages.shape) != (batch,):
+        raise ValueError(f"advantages must be [B] = [{batch}], got {tuple(advantages.shape)}")
+    logp = torch.log_softmax(student_logits[mask].to(work_dtype(student_logits.dtype)), dim=-1)
+    sampled = logp.gather(-1, response_ids[mask].long().unsqueeze(-1)).squeeze(-1)
+    per_token_adv = advantages.to(logp.dtype).unsqueeze(-1).expand(batch, length)[mask]
+    den = mask.sum() if denominator is None else denominator
+    den = torch.as_tensor(den, dtype=logp.dtype, device=logp.device)
+    total = -(per_token_adv * sampled).sum()
+    return total / den if float(den) > 0 else total * 0.0
