@@ -318,6 +318,9 @@ class TrainConfig:
         if self.sync.transport == "collective" and self.rollout.engine != "vllm":
             raise ValueError(f"sync.transport=collective needs rollout.engine=vllm (every vLLM worker joins the "
                              f"weight group); with rollout.engine={self.rollout.engine} set sync.transport=object_store")
+        if self.rollout.max_turns > 1 and self.data.followups_field is None:
+            raise ValueError(f"rollout.max_turns={self.rollout.max_turns} needs data.followups_field: the follow-up "
+                             "messages replayed between the student's turns (tip_ray does not run an agent loop)")
         self._check_gpu_layout()
 
     @property
