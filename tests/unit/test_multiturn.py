@@ -102,7 +102,7 @@ def test_tool_calls_tool_results_and_tools_reach_a_tool_aware_template(tmp_path,
     assert example.tools == tuple(TOOLS)
 
 
-@pytest.mark.parametrize("name", ["embedded", "smollm2"])
+@pytest.mark.parametrize("name", ["embedded", pytest.param("smollm2", marks=pytest.mark.slow)])
 def test_real_templates_render_tool_results_and_refuse_what_they_would_drop(tmp_path, name, request):
     tokenizer = request.getfixturevalue(name)
     results = [{"role": "user", "content": "What is 12+30?"},
@@ -156,7 +156,7 @@ def test_multi_turn_config_is_checked_at_start_up(tmp_path):
 # --- follow-up deltas: the prefix property ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["embedded", "smollm2", "tool_tokenizer"])
+@pytest.mark.parametrize("name", ["embedded", pytest.param("smollm2", marks=pytest.mark.slow), "tool_tokenizer"])
 def test_followup_deltas_are_the_tokens_of_the_whole_rendered_conversation(name, request):
     """Prompt + student turn + delta, turn after turn, is exactly the tokenization of the whole
     conversation rendered with the generation prompt: the student's ids are kept as sampled."""
