@@ -305,4 +305,7 @@ def test_the_driver_trains_two_turn_samples_on_the_students_tokens(tmp_path):
     first_turns = [c for c in runtime.rollout.calls if c[2] is None]
     later = [c for c in runtime.rollout.calls if c[2] is not None]
     assert len(first_turns) == len(later) == 2 and all(len(c[0]) == 8 and c[2].n == 1 for c in later)
-    assert all(len(set(c[1])) == 8 for c in later)  # each conversation samples with its own seed
+    # Each conversation samples its second turn with a seed of its prompt's stream seed and its place.
+    for first, second in zip(first_turns, later):
+        assert second[1] == [turn_seed(seed, 2, j) for seed in first[1] for j in range(2)]
+        assert len(set(second[1])) == 8
