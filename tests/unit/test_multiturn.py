@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,14 @@ def test_the_driver_trains_two_turn_samples_on_the_students_tokens(tmp_path):
     for first, second in zip(first_turns, later):
         assert second[1] == [turn_seed(seed, 2, j) for seed in first[1] for j in range(2)]
         assert len(set(second[1])) == 8
+
+
+def test_follow_ups_are_checked_against_the_template_when_the_data_loads(tmp_path, embedded):
+    rows = [{"prompt": "What is 2+2?", "f": FOLLOWUPS}]
+    [example] = load_prompt_dataset(data_cfg(write_rows(tmp_path / "ok.jsonl", rows), followups_field="f"), embedded)
+    assert example.followups == tuple(FOLLOWUPS) and example.messages == ({"role": "user", "content": "What is 2+2?"},)
+    other_end = copy.deepcopy(embedded)
+    other_end.chat_template = embedded.chat_template.replace("'<|im_end|>'", "'<|endoftext|>'")
+    with pytest.raises(DataError, match=re.escape("row 0: follow-up 0: the template ends the assistant turn with "
+                                                  "'<|endoftext|>")):
+        load_prompt_dataset(data_cfg(write_rows(tmp_path / "bad.jsonl", rows), followups_field="f"), other_end)
