@@ -150,6 +150,8 @@ def test_multi_turn_config_is_checked_at_start_up(tmp_path):
         train_config(tmp_path, tmp_path, "rollout.max_turns=0")
     with pytest.raises(SystemExit, match="rollout.max_turns=2 needs data.followups_field"):
         train_config(tmp_path, tmp_path, "rollout.max_turns=2")
+    with pytest.raises(SystemExit, match="data.followups_field='f' is never read with rollout.max_turns=1"):
+        train_config(tmp_path, tmp_path, "data.followups_field=f")
     with pytest.raises(ValueError, match="data.followups_field needs data.apply_chat_template=true"):
         data_cfg(tmp_path / "x.jsonl", followups_field="f", apply_chat_template=False)
 
