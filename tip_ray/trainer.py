@@ -155,6 +155,9 @@ class Trainer:
         hooks = RuntimeHooks(self._on_event, self._served_weights, lambda: self.state.version)
         # The rows the teacher scores: its padding rule (-log rows) and the joined shards' must agree.
         self.runtime = (runtime or _ray_runtime)(cfg, hooks, min(teacher_vocab, self.student_vocab))
+        from tip_ray.driver.multiturn import multiturn_rollouts
+
+        self.multiturn = multiturn_rollouts(cfg, self.tokenizer, self.runtime)  # None: one turn per sample
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.run_dir / "config.json", json.dumps(self.resolved_config, indent=2))
@@ -204,6 +207,8 @@ class Trainer:
         self.state.cursor = self.stream.state_dict()
         batch = next(self.stream)
         seeds = sample_seeds(self.cfg.rollout.seed, batch.epoch, batch.start, len(batch))
+        if self.multiturn is not None:
+            return batch, self.multiturn.launch(batch.examples, seeds)
         return batch, self.runtime.rollout.launch(batch.prompt_ids, seeds)
 
     def _score(self, input_ids, attention, loss_mask, where: str):
@@ -252,7 +257,7 @@ class Trainer:
         last, clock, upcoming = step == self.cfg.trainer.steps, PhaseClock(), None
         batch, call = launched
         with clock.phase("rollout"):
-            rollouts = self.runtime.rollout.collect(call)
+            rollouts = (self.multiturn or self.runtime.rollout).collect(call)
             staleness = self._check_staleness(step, rollouts.policy_version)
             if self.cfg.trainer.mode == "overlap" and not last:
                 upcoming = self._launch_next()
@@ -278,7 +283,7 @@ class Trainer:
         line = {**learner_metrics(metrics[0], stepped), **sample_metrics(rollouts, signal, loss_mask),
                 **timing_metrics(clock.times, sync_seconds, int(loss_mask.sum())),
                 "weight_version": self.state.version, "staleness": staleness, "epoch": batch.epoch,
-                "skipped_total": self.state.bad_steps.total}
+                "skipped_total": self.state.bad_steps.total, **(self.multiturn.metrics() if self.multiturn else {})}
         if rewards is not None:
             line.update(reward_metrics(rewards, metrics[0], self.cfg.loss.reward.coef))
         return line, upcoming

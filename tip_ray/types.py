@@ -34,12 +34,21 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class Generation:
-    """One response: ids, the sampled tokens' log-probs, and ``stop`` or ``length``."""
+    """One response: ids, the sampled tokens' log-probs, and ``stop`` or ``length``.
+
+    ``trainable`` [len(token_ids)]: which tokens the student wrote (None: all of them). A
+    multi-turn response (``tip_ray.driver.multiturn``) interleaves the student's turns with tokens
+    it did not write (tool results, user follow-ups, the template's turn markers): False there."""
 
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    trainable: tuple[bool, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.trainable is not None and len(self.trainable) != len(self.token_ids):
+            raise ValueError(f"trainable has {len(self.trainable)} flags for {len(self.token_ids)} tokens")
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,8 @@ class RolloutBatch:
 
     def to_sequences(self, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded prompt + response per sample: input_ids, attention_mask [N, L] and the
-        loss mask [N, L-1] (True where a position predicts a response token)."""
+        loss mask [N, L-1] (True where a position predicts a response token the student wrote:
+        ``Generation.trainable``)."""
         rows = [list(self.prompt_ids[g.prompt_index]) + list(g.token_ids) for g in self.generations]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -64,7 +74,7 @@ class RolloutBatch:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention[i, : len(row)] = 1
             prompt_len = len(self.prompt_ids[g.prompt_index])
-            loss_mask[i, prompt_len - 1 : len(row) - 1] = True
+            loss_mask[i, prompt_len - 1 : len(row) - 1] = True if g.trainable is None else torch.tensor(g.trainable)
         return input_ids, attention, loss_mask
 
 

@@ -32,24 +32,31 @@ class RankDied(RuntimeError):
 
 @dataclass
 class FakeRollouts:
-    """The rollout pool: each prompt gets ``n`` responses of ``length`` tokens, from the served version."""
+    """The rollout pool: each prompt gets ``n`` responses of ``length`` tokens, from the served
+    version (the last one ``eos`` when set: a closed chat turn). ``calls`` records every launch's
+    prompts, seeds and sampling."""
 
     n: int
     length: int = 4
     served: int = 0
+    eos: int | None = None
     launches: list[int] = field(default_factory=list)  # the served version at each launch
     respond: Callable[[int], list[int]] | None = None  # sample number within its prompt -> its token ids
+    calls: list[tuple] = field(default_factory=list)
 
-    def _generations(self, prompts) -> tuple[Generation, ...]:
+    def _generations(self, prompts, n: int) -> tuple[Generation, ...]:
         if self.respond is not None:
-            return tuple(Generation(i, self.respond(s), [], "stop") for i in range(len(prompts)) for s in range(self.n))
-        return tuple(Generation(i, [5 + (i + j) % 20 for j in range(self.length)], [], "stop")
-                     for i in range(len(prompts)) for _ in range(self.n))
+            return tuple(Generation(i, self.respond(s), [], "stop") for i in range(len(prompts)) for s in range(n))
+        end = [] if self.eos is None else [self.eos]
+        return tuple(Generation(i, [5 + (i + j) % 20 for j in range(self.length - len(end))] + end, [], "stop")
+                     for i in range(len(prompts)) for _ in range(n))
 
-    def launch(self, prompts, seeds):
+    def launch(self, prompts, seeds, sampling=None):
         assert len(seeds) == len(prompts)
         self.launches.append(self.served)
-        return RolloutBatch(tuple(tuple(p) for p in prompts), self._generations(prompts), self.served)
+        self.calls.append(([list(p) for p in prompts], list(seeds), sampling))
+        n = self.n if sampling is None else sampling.n
+        return RolloutBatch(tuple(tuple(p) for p in prompts), self._generations(prompts, n), self.served)
 
     def collect(self, launch: RolloutBatch) -> RolloutBatch:
         return launch

@@ -41,6 +41,13 @@ class DataConfig:
     tokenizer's template reads (checked when the prompts are loaded). ``limit`` keeps the first N rows of the source (before
     filtering and before any shuffling), for quick runs. ``shuffle``/``seed`` drive the order in
     which a ``PromptStream`` visits the prompts.
+
+    Conversations (``docs/multiturn.md``): a message list may hold earlier assistant turns with
+    ``tool_calls`` (content null or empty) and ``tool`` results (``tool_call_id``/``name``);
+    ``tools_field`` names a per-row list of tool schemas passed to the chat template as ``tools``.
+    ``followups_field`` names a per-row list of follow-ups, each a list of ``user``/``tool``
+    messages appended after the student's next turn (training data only: ``rollout.max_turns``
+    student turns per sample at most). Both need ``apply_chat_template``.
     """
 
     path: str = identity()
@@ -59,6 +66,8 @@ class DataConfig:
     shuffle: bool = identity(True)
     seed: int = identity(0)
     limit: int | None = identity(None)
+    tools_field: str | None = identity(None)
+    followups_field: str | None = identity(None)
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -71,7 +80,7 @@ class DataConfig:
             raise ValueError(f"data.null_answer must be one of {NULL_ANSWERS}, got {self.null_answer!r}")
         if not self.prompt_field:
             raise ValueError("data.prompt_field must be a non-empty field name or dotted path")
-        for name in ("answer_field", "id_field"):
+        for name in ("answer_field", "id_field", "tools_field", "followups_field"):
             if getattr(self, name) == "":
                 raise ValueError(f"data.{name} must be a field name, a dotted path, or null; got an empty string")
         if self.max_prompt_tokens < 1:
@@ -87,6 +96,10 @@ class DataConfig:
                 "data.system_prompt needs data.apply_chat_template=true (a system message only exists in a chat "
                 "template); set data.system_prompt=null or enable the chat template"
             )
+        for name in ("tools_field", "followups_field"):
+            if getattr(self, name) is not None and not self.apply_chat_template:
+                raise ValueError(f"data.{name} needs data.apply_chat_template=true (tools and follow-up messages are "
+                                 f"rendered by the chat template); set data.{name}=null or enable the chat template")
         self._check_chat_template_kwargs()
 
     def _check_chat_template_kwargs(self) -> None:

@@ -115,6 +115,9 @@ class RolloutConfig:
     step's sequences per rollout actor, of ``max_model_len`` tokens) unless
     ``kv_cache_memory_bytes`` is set. ``enforce_eager`` null: eager on CPU, CUDA graphs on GPU
     (in-place weight reloads keep the captured graphs valid).
+    ``max_turns``: student turns per training sample (1: one response per prompt); above 1 the
+    driver replays each row's recorded follow-ups (``data.followups_field``) between turns and
+    trains on the student's own tokens only (``tip_ray.driver.multiturn``).
     """
 
     engine: str = identity("vllm")
@@ -132,6 +135,7 @@ class RolloutConfig:
     max_num_seqs: int | None = None
     kv_cache_memory_bytes: int | None = None
     enforce_eager: bool | None = None
+    max_turns: int = identity(1)
 
     def __post_init__(self) -> None:
         checks = (
@@ -147,5 +151,6 @@ class RolloutConfig:
             (0 < self.gpu_memory_utilization <= 1,
              f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"),
             *_engine_size_checks("rollout", self),
+            (self.max_turns >= 1, f"rollout.max_turns must be >= 1 (student turns per sample), got {self.max_turns}"),
         )
         raise_first_failure(checks)

@@ -319,6 +319,12 @@ class TrainConfig:
         if self.sync.transport == "collective" and self.rollout.engine != "vllm":
             raise ValueError(f"sync.transport=collective needs rollout.engine=vllm (every vLLM worker joins the "
                              f"weight group); with rollout.engine={self.rollout.engine} set sync.transport=object_store")
+        if self.rollout.max_turns > 1 and self.data.followups_field is None:
+            raise ValueError(f"rollout.max_turns={self.rollout.max_turns} needs data.followups_field: the follow-up "
+                             "messages replayed between the student's turns (tip_ray does not run an agent loop)")
+        if self.rollout.max_turns == 1 and self.data.followups_field is not None:
+            raise ValueError(f"data.followups_field={self.data.followups_field!r} is never read with rollout.max_turns=1 "
+                             "(one student turn per sample); set rollout.max_turns to the turns a sample may take")
         self._check_gpu_layout()
 
     @property

@@ -22,12 +22,19 @@ from typing import Any, Protocol
 import numpy as np
 
 from tip_ray.config import RESERVED_CHAT_TEMPLATE_KWARGS, DataConfig
+from tip_ray.data.conversation import (
+    Message,
+    TurnNotClosed,
+    check_followups,
+    check_messages,
+    check_renders_tools,
+    check_tools,
+    followup_delta,
+)
 from tip_ray.data.sources import DataError, Row, get_field, read_rows
 
 __all__ = ["DataError", "DatasetStats", "PromptBatch", "PromptDataset", "PromptExample", "PromptStream",
            "chat_template_variables", "check_chat_template_kwargs", "get_field", "load_prompt_dataset", "read_rows"]
-
-Message = dict[str, str]
 
 _TOKENIZE_CHUNK = 1024
 
@@ -57,6 +64,9 @@ class PromptExample:
     when no ``answer_field`` is configured or the row's answer is null (``null_answer=ungraded``).
     ``index``: row index in the source (after ``limit``,
     before filtering). ``uid``: the ``id_field`` value as a string, else ``str(index)``.
+    With a chat template, ``messages`` are the rendered conversation (system prompt included) and
+    ``tools`` the row's tool schemas; ``followups`` the row's follow-ups (``data.followups_field``),
+    the k-th appended after the student's (k+1)-th turn (``tip_ray.driver.multiturn``).
     """
 
     uid: str
@@ -64,6 +74,9 @@ class PromptExample:
     prompt_text: str
     answer: str | None
     index: int
+    messages: tuple[Message, ...] | None = None
+    tools: tuple[dict[str, Any], ...] | None = None
+    followups: tuple[list[Message], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,24 +213,32 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
     rows = read_rows(cfg)
 
     texts: list[str] = []
-    kept_rows: list[tuple[int, str, str | None]] = []
+    kept_rows: list[tuple[int, str, str | None, _Conversation]] = []
     seen_uids: dict[str, int] = {}
     dropped_empty = 0
     for index, row in enumerate(rows):
         prompt = _required(row, cfg.prompt_field, index, source, "data.prompt_field")
         answer = _answer(row, cfg, index, source)
         uid = _uid(row, cfg.id_field, index, source, seen_uids)
-        text = _render(prompt, cfg, tokenizer, index, source)
-        if text is None:
+        where = f"{source}: row {index}"
+        tools = (check_tools(_required(row, cfg.tools_field, index, source, "data.tools_field"), where)
+                 if cfg.tools_field else None)
+        followups = (check_followups(_required(row, cfg.followups_field, index, source, "data.followups_field"), where)
+                     if cfg.followups_field else ())
+        rendered = _render(prompt, cfg, tokenizer, index, source, tools)
+        if rendered is None:
             dropped_empty += 1
             continue
+        text, messages = rendered
+        if followups:
+            _check_followups_render(tokenizer, cfg, text, messages, tools, followups, where)
         texts.append(text)
-        kept_rows.append((index, uid, answer))
+        kept_rows.append((index, uid, answer, _Conversation(messages, tools, followups)))
 
     all_ids = _tokenize(tokenizer, texts, add_special_tokens=not cfg.apply_chat_template)
     examples: list[PromptExample] = []
     dropped_overlong = 0
-    for (index, uid, answer), text, ids in zip(kept_rows, texts, all_ids):
+    for (index, uid, answer, conversation), text, ids in zip(kept_rows, texts, all_ids):
         if len(ids) > cfg.max_prompt_tokens:
             if cfg.on_overlong == "error":
                 raise DataError(
@@ -226,7 +247,8 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
                 )
             dropped_overlong += 1
             continue
-        examples.append(PromptExample(uid=uid, prompt_ids=list(ids), prompt_text=text, answer=answer, index=index))
+        examples.append(PromptExample(uid=uid, prompt_ids=list(ids), prompt_text=text, answer=answer, index=index,
+                                      **conversation.fields()))
 
     stats = DatasetStats(len(rows), dropped_empty, dropped_overlong, len(examples))
     if not examples:
@@ -279,24 +301,30 @@ def _uid(row: Row, field: str | None, index: int, source: str, seen: dict[str, i
     return uid
 
 
-def _render(prompt: Any, cfg: DataConfig, tokenizer: PromptTokenizer, index: int, source: str) -> str | None:
-    """The prompt text to tokenize, or None when the prompt is empty."""
+def _render(prompt: Any, cfg: DataConfig, tokenizer: PromptTokenizer, index: int, source: str,
+            tools: list[dict[str, Any]] | None = None) -> tuple[str, list[Message] | None] | None:
+    """The prompt text to tokenize and the messages it renders (None without a chat template), or
+    None when the prompt is empty."""
+    where = f"{source}: row {index}"
     if prompt is None or isinstance(prompt, str):
         if prompt is None or not prompt.strip():
             return None
         user_text = cfg.prompt_template.replace("{prompt}", prompt)
         if not cfg.apply_chat_template:
-            return user_text
+            return user_text, None
         messages = [{"role": "user", "content": user_text}]
     elif isinstance(prompt, list):
-        messages = _messages(prompt, index, source)
-        if not any(m["content"].strip() for m in messages):
+        messages = check_messages(prompt, where)
+        if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
             return None
         if not cfg.apply_chat_template:
             raise DataError(
                 f"{source}: row {index}: the prompt is a list of chat messages, which needs "
                 "data.apply_chat_template=true"
             )
+        if messages[-1]["role"] == "assistant":
+            raise DataError(f"{where}: the conversation ends with an assistant message; the student writes the "
+                            "next assistant turn, so a prompt ends with a user, tool or system message")
     else:
         raise DataError(
             f"{source}: row {index}: prompt {cfg.prompt_field!r} is a {type(prompt).__name__}, "
@@ -308,27 +336,47 @@ def _render(prompt: Any, cfg: DataConfig, tokenizer: PromptTokenizer, index: int
                 f"{source}: row {index} already starts with a system message; set data.system_prompt=null to keep it"
             )
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         **cfg.chat_template_kwargs)
+    kwargs = dict(cfg.chat_template_kwargs)
+    if tools is not None:
+        kwargs["tools"] = tools
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     if not isinstance(text, str):
         raise DataError(f"apply_chat_template returned a {type(text).__name__}, expected text (tokenize=False)")
-    return text
+    if tools or any("tool_calls" in m for m in messages):
+        check_renders_tools(tokenizer, text, messages, tools, chat_template_variables(tokenizer.chat_template), where)
+    return text, messages
 
 
-def _messages(prompt: list[Any], index: int, source: str) -> list[Message]:
-    messages: list[Message] = []
-    for position, message in enumerate(prompt):
-        if not (
-            isinstance(message, Mapping)
-            and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
-        ):
-            raise DataError(
-                f"{source}: row {index}: message {position} is not a {{'role': str, 'content': str}} record: "
-                f"{message!r:.200}"
-            )
-        messages.append({"role": message["role"], "content": message["content"]})
-    return messages
+@dataclass(frozen=True)
+class _Conversation:
+    messages: list[Message] | None
+    tools: list[dict[str, Any]] | None
+    followups: tuple[list[Message], ...]
+
+    def fields(self) -> dict[str, Any]:
+        return {"messages": tuple(self.messages) if self.messages is not None else None,
+                "tools": tuple(self.tools) if self.tools is not None else None, "followups": self.followups}
+
+
+def _check_followups_render(tokenizer: PromptTokenizer, cfg: DataConfig, text: str, messages: list[Message] | None,
+                            tools: list[dict[str, Any]] | None, followups: tuple[list[Message], ...],
+                            where: str) -> None:
+    """Every follow-up of the row appends to the rendered conversation as an exact text delta after a
+    student turn (a placeholder turn that stops with the tokenizer's eos token): the template's
+    prefix property, checked before any worker starts (``followup_delta`` checks it again on the
+    student's real turns)."""
+    eos = getattr(tokenizer, "eos_token", None)
+    if messages is None or not eos:
+        raise DataError(f"{where}: data.followups_field needs a chat template and a tokenizer with an eos token (the "
+                        "student ends its turns with it)")
+    for k, followup in enumerate(followups):
+        try:
+            delta = followup_delta(tokenizer, messages, text, "ok", eos, followup, tools, cfg.chat_template_kwargs,
+                                   f"{where}: follow-up {k}")
+        except TurnNotClosed as err:
+            raise DataError(f"{err}; multi-turn samples need a template that ends an assistant turn with the eos "
+                            "token the student stops on") from err
+        text, messages = delta.text, delta.messages
 
 
 def _tokenize(tokenizer: PromptTokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:

@@ -14,9 +14,11 @@ from tip_ray.types import Generation, RolloutBatch, SamplingSettings, TrainBatch
 
 
 class Rollouts(Protocol):
-    """Samples the student: ``launch`` starts a batch without waiting, ``collect`` waits for it."""
+    """Samples the student: ``launch`` starts a batch without waiting (``sampling`` None: the
+    rollout config's), ``collect`` waits for it."""
 
-    def launch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> Any: ...
+    def launch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+               sampling: SamplingSettings | None = None) -> Any: ...
 
     def collect(self, launch: Any) -> RolloutBatch: ...
 

@@ -434,10 +434,12 @@ class RolloutPool(ActorPool):
         # The version alone is cheap; fetching the weights may mean exporting them from the learner.
         self.served_version = served_version or (lambda: (self.served_weights() or (None, 0))[1])
 
-    def launch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int]) -> RolloutLaunch:
+    def launch(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int],
+               sampling: SamplingSettings | None = None) -> RolloutLaunch:
         """Start sampling ``rollout.n`` responses per prompt (``prompts`` [N][len_i], ``seeds`` [N],
-        one per prompt) on the live actors, balanced by prompt length; does not wait."""
-        return self._launch(prompts, seeds, None)
+        one per prompt; ``sampling`` replaces the rollout config's, e.g. one sample per prompt for a
+        later turn) on the live actors, balanced by prompt length; does not wait."""
+        return self._launch(prompts, seeds, sampling)
 
     def collect(self, launch: RolloutLaunch) -> RolloutBatch:
         """Wait for ``launch`` (retrying failed shards) and join it in the original prompt order;
