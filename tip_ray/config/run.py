@@ -4,11 +4,13 @@ weight sync, and ``TrainConfig`` composing every component; their registration w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tip_ray.config.data import DataConfig, EvalConfig
 from tip_ray.config.engines import RolloutConfig, TeacherConfig
 from tip_ray.config.fields import identity, raise_first_failure
 from tip_ray.config.learning import LearnerConfig, LossConfig, SelectionConfig
+from tip_ray.config.routing import RoutingConfig, check_teachers, typed_entries
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -74,6 +76,7 @@ class ClusterConfig:
     rollout: PoolPlacement = field(default_factory=PoolPlacement)
     teacher: PoolPlacement = field(default_factory=PoolPlacement)
     learner: PoolPlacement = field(default_factory=PoolPlacement)
+    teachers: dict[str, Any] = field(default_factory=dict)  # name -> PoolPlacement of an extra teacher
 
     def __post_init__(self) -> None:
         checks = (
@@ -94,6 +97,9 @@ class ClusterConfig:
         raise_first_failure(checks)
         for pool in ("rollout", "teacher", "learner"):
             getattr(self, pool).check(pool)
+        self.teachers = typed_entries(self.teachers, self.teacher, "cluster.teachers", "cluster.teacher")
+        for name, placement in self.teachers.items():
+            placement.check(f"teachers.{name}")
 
 
 @dataclass
@@ -270,11 +276,13 @@ def with_student_vocab(cfg: TrainConfig, student_vocab: int) -> TrainConfig:
     describe this student)."""
     from dataclasses import replace
 
-    given = cfg.teacher.student_vocab_size
-    if given is not None and given != student_vocab:
-        raise ValueError(f"teacher.student_vocab_size = {given}, but the student ({cfg.student}) has {student_vocab} "
-                         "vocabulary rows; leave it null (tip-ray train sets it from the student)")
-    return replace(cfg, teacher=replace(cfg.teacher, student_vocab_size=student_vocab))
+    for key, teacher in (("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())):
+        given = teacher.student_vocab_size
+        if given is not None and given != student_vocab:
+            raise ValueError(f"{key}.student_vocab_size = {given}, but the student ({cfg.student}) has {student_vocab} "
+                             "vocabulary rows; leave it null (tip-ray train sets it from the student)")
+    return replace(cfg, teacher=replace(cfg.teacher, student_vocab_size=student_vocab),
+                   teachers={n: replace(t, student_vocab_size=student_vocab) for n, t in cfg.teachers.items()})
 
 
 @dataclass
@@ -296,10 +304,13 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    teachers: dict[str, Any] = identity(default_factory=dict)  # name -> TeacherConfig of an extra teacher
+    routing: RoutingConfig = identity(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
         from tip_ray.data.grading import GRADERS
 
+        self.teachers = typed_entries(self.teachers, self.teacher, "teachers", "teacher", required=("model",))
         if self.grader not in GRADERS:
             raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
         if self.learner.model != self.student:
@@ -319,6 +330,7 @@ class TrainConfig:
             raise ValueError(f"sync.transport=collective needs rollout.engine=vllm (every vLLM worker joins the "
                              f"weight group); with rollout.engine={self.rollout.engine} set sync.transport=object_store")
         self._check_gpu_layout()
+        check_teachers(self)
 
     @property
     def sync_uses_nccl(self) -> bool:
