@@ -26,6 +26,11 @@ through ``tip_ray.eval``'s one path, graded where the prompt has an answer; with
 the student's per-token reverse KL to that signal with its current weights (the served ones:
 evaluation happens only right after a sync). The teacher's own accuracy goes through the same
 path with the teacher pool as the engine (its deadlines and retries).
+
+Several teachers (``teachers``, ``routing``; ``tip_ray.driver.routing``): each prompt's samples
+are scored by the prompt's own teacher (every pool launched, then collected) and the signals
+joined in batch order; evaluation routes its prompts by the same rule; the learner reports its
+metrics per teacher (``teacher/<name>/...``).
 """
 
 from __future__ import annotations
@@ -90,17 +95,48 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _check_top_k(cfg: TrainConfig) -> tuple[int, int]:
-    """``teacher.top_k`` must fit the teacher's vocabulary (read from its config, before any actor
-    starts); returns the student's vocabulary rows and the teacher's vocabulary size."""
+def _check_top_k(cfg: TrainConfig, name: str = "default") -> tuple[int, int]:
+    """The top-K of teacher ``name`` (``teacher``, or ``teachers.<name>``) must fit its vocabulary
+    (read from its config, before any actor starts); returns the student's vocabulary rows and
+    the teacher's vocabulary size."""
     from transformers import AutoConfig
 
-    vocab = int(AutoConfig.from_pretrained(cfg.teacher.model).vocab_size)
+    from tip_ray.config import teacher_configs
+
+    teacher, key = teacher_configs(cfg)[name], _teacher_key(name)
+    vocab = int(AutoConfig.from_pretrained(teacher.model).vocab_size)
     student = int(AutoConfig.from_pretrained(cfg.student).vocab_size)
-    if cfg.teacher.top_k is not None and cfg.teacher.top_k > vocab:
-        raise ValueError(f"teacher.top_k = {cfg.teacher.top_k} exceeds the teacher's vocabulary ({vocab} ids, "
-                         f"{cfg.teacher.model}); use a smaller top_k or null for the full distribution")
+    if teacher.top_k is not None and teacher.top_k > vocab:
+        raise ValueError(f"{key}.top_k = {teacher.top_k} exceeds the teacher's vocabulary ({vocab} ids, "
+                         f"{teacher.model}); use a smaller top_k or null for the full distribution")
     return student, vocab
+
+
+def _teacher_key(name: str) -> str:
+    """The config key of teacher ``name``: ``teacher`` for the default one, else ``teachers.<name>``."""
+    return "teacher" if name == "default" else f"teachers.{name}"
+
+
+def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str, int]]:
+    """Every teacher's checkpoint, tokenizer (the student's vocabulary) and top-K (its own
+    vocabulary), before any actor starts; returns the student's vocabulary rows and the rows
+    each teacher scores (its vocabulary cut to the student's). With several teachers and ``top_k`` null each sends its whole
+    (cut) vocabulary, which must then be one size: the learner's signal has one K."""
+    from tip_ray.config import teacher_configs
+    from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
+
+    rows, student = {}, 0
+    for name, teacher in teacher_configs(cfg).items():
+        key = _teacher_key(name)
+        require_checkpoint(teacher.model, key)
+        check_same_vocabulary(student_tokenizer, load_tokenizer(teacher.model, key), cfg.student, teacher.model)
+        student, vocab = _check_top_k(cfg, name)
+        rows[name] = min(vocab, student)
+    if cfg.teacher.top_k is None and len(set(rows.values())) > 1:
+        raise ValueError(f"teacher.top_k is null (each teacher sends its whole vocabulary), but the teachers' "
+                         f"vocabularies, cut to the student's, differ: {rows}; the learner's signal has one K: set "
+                         "teacher.top_k and teachers.<name>.top_k to one number")
+    return student, rows
 
 
 def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> Runtime:
@@ -116,27 +152,28 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: RuntimeFactory | None = None) -> None:
         from omegaconf import OmegaConf
 
-        from tip_ray.config import with_student_vocab
+        from tip_ray.config import teacher_configs, with_student_vocab
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
+        from tip_ray.data.routing import Router
         from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.runtime.ray_runtime import RuntimeHooks
         from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
-        from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
+        from tip_ray.state.preflight import load_tokenizer, require_checkpoint
         from tip_ray.state.resume import find_resume_point
         from tip_ray.tracking import Tracker
 
         cfg = with_engine_sizes(cfg)  # null engine sizes become the step's sequences per actor
         self.cfg = cfg
         require_checkpoint(cfg.student, "student")
-        require_checkpoint(cfg.teacher.model, "teacher")
         self.tokenizer = load_tokenizer(cfg.student, "student")
-        check_same_vocabulary(self.tokenizer, load_tokenizer(cfg.teacher.model, "teacher"), cfg.student,
-                              cfg.teacher.model)
-        self.train_data = load_prompt_dataset(cfg.data, self.tokenizer)
-        self.eval_data = load_prompt_dataset(cfg.eval_data, self.tokenizer) if cfg.eval_data else None
+        self.student_vocab, teacher_rows = _check_teachers(cfg, self.tokenizer)
+        self.teacher_names = list(teacher_configs(cfg))
+        self.routed = cfg.routing.active  # each prompt to its own teacher (else every one to teacher)
+        router = Router(cfg.routing, self.teacher_names) if self.routed else None
+        self.train_data = load_prompt_dataset(cfg.data, self.tokenizer, router)
+        self.eval_data = load_prompt_dataset(cfg.eval_data, self.tokenizer, router) if cfg.eval_data else None
         self.stream = PromptStream(self.train_data, cfg.trainer.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle)
-        self.student_vocab, teacher_vocab = _check_top_k(cfg)
         # The teacher scores over the student's ids only (a teacher's embedding may be padded further).
         cfg = self.cfg = with_student_vocab(cfg, self.student_vocab)
 
@@ -153,7 +190,7 @@ class Trainer:
         self._stop_signal: int | None = None
         hooks = RuntimeHooks(self._on_event, self._served_weights, lambda: self.state.version)
         # The rows the teacher scores: its padding rule (-log rows) and the joined shards' must agree.
-        self.runtime = (runtime or _ray_runtime)(cfg, hooks, min(teacher_vocab, self.student_vocab))
+        self.runtime = (runtime or _ray_runtime)(cfg, hooks, teacher_rows if self.routed else teacher_rows["default"])
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.run_dir / "config.json", json.dumps(self.resolved_config, indent=2))
@@ -205,12 +242,17 @@ class Trainer:
         seeds = sample_seeds(self.cfg.rollout.seed, batch.epoch, batch.start, len(batch))
         return batch, self.runtime.rollout.launch(batch.prompt_ids, seeds)
 
-    def _score(self, input_ids, attention, loss_mask, where: str):
-        """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L];
-        refuses ids beyond the student's vocabulary rows at the ``loss_mask`` [B, L-1] positions."""
+    def _score(self, input_ids, attention, loss_mask, where: str, routes: list[str] | None = None):
+        """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L]
+        (with ``routes`` [B], a teacher name per sequence: each scored by its own teacher's pool,
+        joined in batch order); refuses ids beyond the student's vocabulary rows at the
+        ``loss_mask`` [B, L-1] positions."""
+        from tip_ray.driver.routing import score_routed
         from tip_ray.teacher.layout import first_scored_positions
 
-        signal = self.runtime.teacher.score(input_ids, attention, first_scored_positions(loss_mask))
+        first = first_scored_positions(loss_mask)
+        signal = (self.runtime.teacher.score(input_ids, attention, first) if routes is None else
+                  score_routed(self.runtime.teachers, routes, input_ids, attention, first))
         top_id = int(signal.topk_ids[loss_mask].max()) if bool(loss_mask.any()) else -1
         if top_id >= self.student_vocab:
             raise ValueError(f"{where}: the teacher sent token id {top_id}, beyond the student's {self.student_vocab} "
@@ -246,6 +288,9 @@ class Trainer:
         Raises ``PoisonedWeights`` when the update left non-finite weights; ``fit`` recovers from
         it, and from a dead learner rank, through the last checkpoint.
         """
+        import torch
+
+        from tip_ray.driver.routing import teacher_metrics
         from tip_ray.types import TrainBatch
 
         last, clock, upcoming = step == self.cfg.trainer.steps, PhaseClock(), None
@@ -257,9 +302,11 @@ class Trainer:
                 upcoming = self._launch_next()
         with clock.phase("teacher"):
             input_ids, attention, loss_mask = rollouts.to_sequences(self.tokenizer.pad_token_id)
-            signal = self._score(input_ids, attention, loss_mask, f"step {step}")
+            routes = [batch.examples[g.prompt_index].route for g in rollouts.generations] if self.routed else None
+            signal = self._score(input_ids, attention, loss_mask, f"step {step}", routes)
         with clock.phase("learner"):
-            train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
+            group = None if routes is None else torch.tensor([self.teacher_names.index(r) for r in routes])
+            train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version, group=group)
             metrics, stepped = self.runtime.learner.train_step(train)
             self._apply(step, stepped)
         with clock.phase("sync"):
@@ -271,6 +318,8 @@ class Trainer:
                 **timing_metrics(clock.times, sync_seconds, int(loss_mask.sum())),
                 "weight_version": self.state.version, "staleness": staleness, "epoch": batch.epoch,
                 "skipped_total": self.state.bad_steps.total}
+        if routes is not None:
+            line.update(teacher_metrics(self.teacher_names, routes, getattr(metrics[0], "groups", {})))
         return line, upcoming
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -279,11 +328,14 @@ class Trainer:
         """Greedy accuracy on the eval prompts that have an answer (graded in the driver) of the
         served student, or of the teacher (``teacher``: generated by the teacher pool, with its
         deadlines and retries); None without eval prompts or when none has an answer."""
+        from tip_ray.driver.routing import RoutedTeachers
         from tip_ray.eval.held_out import held_out_samples
 
         if self.eval_data is None:
             return None
         engine = self.runtime.teacher if teacher else self.runtime.rollout
+        if teacher and self.routed:  # each prompt answered by its own teacher
+            engine = RoutedTeachers(self.runtime.teachers, [example.route for example in self.eval_data])
         return held_out_samples(engine, self.tokenizer, self.eval_data, self.cfg.grader,
                                 self.cfg.trainer.eval_max_new_tokens).accuracy
 
@@ -305,8 +357,9 @@ class Trainer:
             raise RuntimeError(f"the learner holds {self.state.unserved_updates} updates the rollout pool does not "
                                f"serve (version {self.state.version}): the student's samples and its log-probs would "
                                "come from different weights; evaluate after a sync")
+        routes = [self.eval_data[g.prompt_index].route for g in samples.generations] if self.routed else None
         return with_divergence(samples, self.eval_data, self.state.version, self.tokenizer.pad_token_id,
-                               lambda ids, mask, loss: self._score(ids, mask, loss, "evaluation"),
+                               lambda ids, mask, loss: self._score(ids, mask, loss, "evaluation", routes),
                                self.runtime.learner.evaluate_tokens)
 
     def _evaluate_before(self) -> None:

@@ -75,6 +75,8 @@ class TrainBatch:
     ``input_ids``/``attention_mask`` [B, L]; ``loss_mask`` [B, L-1] is True where position t
     predicts a response token ``input_ids[:, t+1]``; ``teacher`` is aligned with those L-1
     positions ([B, L-1, K]). ``policy_version`` is the weight version that sampled the responses.
+    ``group`` long [B] (or None): each sequence's teacher, as an index into the run's teachers
+    (several teachers, routed by prompt: the learner reports its metrics per group).
     """
 
     input_ids: torch.Tensor
@@ -82,6 +84,7 @@ class TrainBatch:
     loss_mask: torch.Tensor
     teacher: TeacherSignal
     policy_version: int = 0
+    group: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b, length = self.input_ids.shape
@@ -90,6 +93,8 @@ class TrainBatch:
         if tuple(self.loss_mask.shape) != (b, length - 1) or self.loss_mask.dtype != torch.bool:
             raise ValueError(f"loss_mask must be bool [B, L-1] = {(b, length - 1)}, got "
                              f"{self.loss_mask.dtype} {tuple(self.loss_mask.shape)}")
+        if self.group is not None and tuple(self.group.shape) != (b,):
+            raise ValueError(f"group must be [B] = [{b}], got {tuple(self.group.shape)}")
 
     @property
     def size(self) -> int:
@@ -115,6 +120,7 @@ class TrainBatch:
             TeacherSignal(t.topk_ids[index, : width - 1], t.topk_logprobs[index, : width - 1],
                           t.sampled_logprobs[index, : width - 1]),
             self.policy_version,
+            None if self.group is None else self.group[index],
         )
 
     @property

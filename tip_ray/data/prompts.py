@@ -15,7 +15,7 @@ Bad input raises ``DataError`` naming the source and the problem; empty prompts 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -57,6 +57,8 @@ class PromptExample:
     when no ``answer_field`` is configured or the row's answer is null (``null_answer=ungraded``).
     ``index``: row index in the source (after ``limit``,
     before filtering). ``uid``: the ``id_field`` value as a string, else ``str(index)``.
+    ``route``: the name of the teacher that scores it (``tip_ray.data.routing``; ``default``
+    without routing).
     """
 
     uid: str
@@ -64,6 +66,7 @@ class PromptExample:
     prompt_text: str
     answer: str | None
     index: int
+    route: str = "default"
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,8 @@ def check_chat_template_kwargs(kwargs: Mapping[str, Any], tokenizer: PromptToken
 # Rows -> prompts
 
 
-def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDataset:
+def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer,
+                        router: Callable[[Row, int, str, str], str] | None = None) -> PromptDataset:
     """Read ``cfg.path`` and build one ``PromptExample`` per usable row.
 
     A string prompt is formatted with ``cfg.prompt_template``; a list-of-messages prompt is used as
@@ -187,6 +191,8 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
     without adding special tokens again; without it, the formatted string is tokenized with the
     tokenizer's usual special tokens (e.g. BOS). Rows whose prompt is empty are skipped; rows over
     ``cfg.max_prompt_tokens`` tokens are skipped (``on_overlong=drop``) or raise (``error``).
+    ``router(row, index, uid, source)`` names each prompt's teacher (``tip_ray.data.routing.Router``;
+    None: ``default``).
     Raises ``DataError`` on a missing field, a malformed prompt, duplicate ids, or no usable row.
     """
     source = cfg.path
@@ -200,7 +206,7 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
     rows = read_rows(cfg)
 
     texts: list[str] = []
-    kept_rows: list[tuple[int, str, str | None]] = []
+    kept_rows: list[tuple[int, str, str | None, str]] = []
     seen_uids: dict[str, int] = {}
     dropped_empty = 0
     for index, row in enumerate(rows):
@@ -212,12 +218,12 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
             dropped_empty += 1
             continue
         texts.append(text)
-        kept_rows.append((index, uid, answer))
+        kept_rows.append((index, uid, answer, router(row, index, uid, source) if router else "default"))
 
     all_ids = _tokenize(tokenizer, texts, add_special_tokens=not cfg.apply_chat_template)
     examples: list[PromptExample] = []
     dropped_overlong = 0
-    for (index, uid, answer), text, ids in zip(kept_rows, texts, all_ids):
+    for (index, uid, answer, route), text, ids in zip(kept_rows, texts, all_ids):
         if len(ids) > cfg.max_prompt_tokens:
             if cfg.on_overlong == "error":
                 raise DataError(
@@ -226,7 +232,8 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
                 )
             dropped_overlong += 1
             continue
-        examples.append(PromptExample(uid=uid, prompt_ids=list(ids), prompt_text=text, answer=answer, index=index))
+        examples.append(PromptExample(uid=uid, prompt_ids=list(ids), prompt_text=text, answer=answer, index=index,
+                                      route=route))
 
     stats = DatasetStats(len(rows), dropped_empty, dropped_overlong, len(examples))
     if not examples:
