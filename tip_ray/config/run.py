@@ -61,7 +61,9 @@ class ClusterConfig:
     machine has); ``auto`` or ``ray://host:port`` joins a running cluster. ``dashboard`` starts
     Ray's dashboard on ``dashboard_host`` (localhost unless configured otherwise) for a local
     instance. Each pool (``rollout``, ``teacher``, ``learner``) has its own per-actor resources
-    and placement strategy; ``placement_timeout_s`` bounds the wait for a pool to be placed.
+    and placement strategy; ``teachers.<name>`` places the pool of extra teacher ``<name>``
+    (keys it leaves out are ``teacher``'s; no entry: as ``teacher``); ``placement_timeout_s``
+    bounds the wait for a pool to be placed.
     ``object_store_memory`` (bytes) sizes a local instance's object store; null leaves it to Ray
     (30% of the machine's memory, capped by the size of /dev/shm: a machine detail).
     """
@@ -287,7 +289,11 @@ def with_student_vocab(cfg: TrainConfig, student_vocab: int) -> TrainConfig:
 
 @dataclass
 class TrainConfig:
-    """``tip-ray train``: every component's config, validated together before anything starts."""
+    """``tip-ray train``: every component's config, validated together before anything starts.
+
+    ``teachers``: named extra teachers (``name -> TeacherConfig`` fields; keys left out are
+    ``teacher``'s) and ``routing``: which prompt goes to which teacher (``tip_ray.config.routing``).
+    """
 
     student: str = identity()
     teacher: TeacherConfig = identity()
