@@ -167,3 +167,7 @@ def test_each_prompt_is_scored_and_evaluated_by_its_own_teacher(tmp_path, data):
     lines = metric_lines(tmp_path / "run")
     assert all(r["teacher/default/sequences"] + r["teacher/weak/sequences"] == 8 for r in lines)
     assert sum(r["teacher/weak/sequences"] for r in lines) > 0 and "teacher/weak/kept_fraction" not in lines[0]
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])  # step 0's evaluation
+    routed = {ex.route for ex in trainer.eval_data}
+    assert sum(first[f"eval/teacher/{n}/graded"] for n in routed) == first["eval/graded"]
+    assert {f"eval/teacher/{n}/{key}" for n in routed for key in ("teacher_accuracy", "rkl")} <= set(first)

@@ -13,9 +13,17 @@ from driver_fakes import ASSETS, FakeTeacher
 from tip_ray.config import DataConfig, RoutingConfig
 from tip_ray.data.prompts import DataError, load_prompt_dataset
 from tip_ray.data.routing import Router, weighted_choice
-from tip_ray.driver.routing import RoutedTeachers, join_by_rows, route_rows, score_routed, teacher_metrics
+from tip_ray.driver.routing import (
+    RoutedTeachers,
+    join_by_rows,
+    route_rows,
+    routed,
+    score_routed,
+    teacher_metrics,
+)
+from tip_ray.eval.held_out import HeldOutEval
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.types import SamplingSettings
+from tip_ray.types import Generation, SamplingSettings
 
 STUDENT, TEACHER = str(ASSETS / "student"), str(ASSETS / "teacher")
 
@@ -179,3 +187,14 @@ def test_every_teacher_pool_is_placed_and_must_fit_the_cluster():
     check_fits(list(pools.values()), {"CPU": demand})
     with pytest.raises(ResourceError, match="teacher.big: 1 x"):
         check_fits(list(pools.values()), {"CPU": demand - 1})
+
+
+def test_an_evaluation_splits_by_teacher_with_each_samples_own_tokens():
+    gens = tuple(Generation(i, [1] * n, [], "stop") for i, n in enumerate((2, 3, 1)))
+    rkl = torch.tensor([1.0, 1.0, 4.0, 4.0, 4.0, 7.0], dtype=torch.float64)
+    held = HeldOutEval(gens, (True, False, None), rkl, torch.tensor([True, False, True, True, True, False]))
+    metrics = routed(held, ["a", "b", "a"]).metrics()
+    assert metrics["eval/rkl"] == pytest.approx(3.5) and metrics["eval/accuracy"] == 0.5
+    assert metrics["eval/teacher/a/rkl"] == pytest.approx(9 / 3) and metrics["eval/teacher/b/rkl"] == 4.0
+    assert (metrics["eval/teacher/a/accuracy"], metrics["eval/teacher/a/graded"]) == (1.0, 1)
+    assert metrics["eval/teacher/b/accuracy"] == 0.0 and metrics["eval/teacher/a/teacher_agreement"] == 1 / 3

@@ -6,18 +6,20 @@ teacher its rows (all teacher pools launched first, then collected: they score a
 joins their signals back into one [B, L-1, K] in batch order, so selection reads each
 sequence's own teacher's signal unchanged. ``RoutedTeachers`` does the same for the teachers'
 own generations (their accuracy on the held-out prompts), ``teacher_metrics`` names the
-learner's per-teacher metrics ``teacher/<name>/...``.
+learner's per-teacher metrics ``teacher/<name>/...`` and ``RoutedHeldOut`` splits an
+evaluation's metrics by teacher (``eval/teacher/<name>/...``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from tip_ray.driver.ports import Teacher
+from tip_ray.eval.held_out import HeldOutEval
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.types import Generation, SamplingSettings
 
@@ -110,3 +112,41 @@ def teacher_metrics(names: Sequence[str], routes: Sequence[str],
     for index, values in groups.items():
         out.update({f"teacher/{names[index]}/{key}": value for key, value in values.items()})
     return out
+
+
+@dataclass(frozen=True)
+class RoutedHeldOut(HeldOutEval):
+    """A held-out evaluation whose prompts are routed: ``routes`` names each sample's teacher (in
+    sample order); ``metrics`` adds the same metrics over each teacher's prompts alone, under
+    ``<prefix>teacher/<name>/`` (accuracy, graded, response length, rkl, teacher agreement)."""
+
+    routes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.routes) != len(self.generations):
+            raise ValueError(f"{len(self.routes)} routes for {len(self.generations)} samples")
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        """``HeldOutEval.metrics`` and the same per teacher (``grader_errors`` only overall)."""
+        out = super().metrics(prefix)
+        lengths = torch.tensor([len(g.token_ids) for g in self.generations], dtype=torch.long)
+        starts = torch.cumsum(lengths, 0) - lengths
+        for name, rows in route_rows(self.routes, list(dict.fromkeys(self.routes))).items():
+            tokens = torch.cat([torch.arange(int(starts[i]), int(starts[i] + lengths[i])) for i in rows])
+
+            def part(values: torch.Tensor | None, tokens: torch.Tensor = tokens) -> torch.Tensor | None:
+                return None if values is None else values[tokens]
+
+            mine = HeldOutEval(tuple(self.generations[i] for i in rows), tuple(self.correct[i] for i in rows),
+                               part(self.rkl), part(self.agreement))
+            out.update({k: v for k, v in mine.metrics(f"{prefix}teacher/{name}/").items()
+                        if not k.endswith("grader_errors")})
+        return out
+
+
+def routed(samples: HeldOutEval, routes: Sequence[str]) -> RoutedHeldOut:
+    """``samples`` with ``routes`` (a teacher name per prompt of the evaluated dataset, which each
+    sample's ``prompt_index`` points into): its metrics split by teacher."""
+    fields = {f: getattr(samples, f) for f in ("generations", "correct", "rkl", "agreement", "grader_errors")}
+    return RoutedHeldOut(**fields, routes=tuple(routes[g.prompt_index] for g in samples.generations))
