@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from tip_ray.eval.held_out import HeldOutEval
     from tip_ray.runtime.ray_runtime import RuntimeHooks
 
-    RuntimeFactory = Callable[[TrainConfig, RuntimeHooks, int], Runtime]
+    RuntimeFactory = Callable[[TrainConfig, RuntimeHooks, int | dict[str, int]], Runtime]
 
 __all__ = ["LearnerFailure", "PoisonedWeights", "TooManyBadSteps", "TrainSummary", "Trainer"]
 
@@ -120,8 +120,9 @@ def _teacher_key(name: str) -> str:
 def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str, int]]:
     """Every teacher's checkpoint, tokenizer (the student's vocabulary) and top-K (its own
     vocabulary), before any actor starts; returns the student's vocabulary rows and the rows
-    each teacher scores (its vocabulary cut to the student's). With several teachers and ``top_k`` null each sends its whole
-    (cut) vocabulary, which must then be one size: the learner's signal has one K."""
+    each teacher scores, by name (its vocabulary cut to the student's). With ``top_k`` null each
+    teacher sends its whole (cut) vocabulary, which must then be one size: the learner's signal
+    has one K."""
     from tip_ray.config import teacher_configs
     from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
 
@@ -139,7 +140,7 @@ def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str,
     return student, rows
 
 
-def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> Runtime:
+def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int | dict[str, int]) -> Runtime:
     from tip_ray.runtime.ray_runtime import RayRuntime
 
     return RayRuntime(cfg, hooks, teacher_vocab)
@@ -147,7 +148,8 @@ def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> R
 
 class Trainer:
     """Runs the loop over a runtime's pools: by default built on Ray from ``cfg``; ``runtime``
-    builds another from ``(cfg, hooks, teacher_vocab)`` (the driver's tests: in-process pools)."""
+    builds another from ``(cfg, hooks, teacher_vocab)`` (the driver's tests: in-process pools;
+    ``teacher_vocab``: the rows the teacher scores, by teacher name when prompts are routed)."""
 
     def __init__(self, cfg: TrainConfig, runtime: RuntimeFactory | None = None) -> None:
         from omegaconf import OmegaConf
