@@ -198,3 +198,17 @@ def test_an_evaluation_splits_by_teacher_with_each_samples_own_tokens():
     assert metrics["eval/teacher/a/rkl"] == pytest.approx(9 / 3) and metrics["eval/teacher/b/rkl"] == 4.0
     assert (metrics["eval/teacher/a/accuracy"], metrics["eval/teacher/a/graded"]) == (1.0, 1)
     assert metrics["eval/teacher/b/accuracy"] == 0.0 and metrics["eval/teacher/a/teacher_agreement"] == 1 / 3
+
+
+def test_the_trainer_checks_every_teacher_and_every_row_before_any_pool_starts(tmp_path):
+    from driver_fakes import make_trainer, train_config, write_data
+
+    from tip_ray.state.preflight import CheckpointError
+
+    data = write_data(tmp_path / "data")
+    routes = ("routing.field=family", "+routing.map.add=default", "+routing.map.mul=weak")
+    with pytest.raises(CheckpointError, match="teachers.weak checkpoint"):
+        make_trainer(train_config(tmp_path / "a", data, f"+teachers.weak.model={tmp_path / 'none'}", *routes))
+    with pytest.raises(DataError, match=r"train.jsonl: row \d+ has routing.field 'family' = 'mul'"):
+        make_trainer(train_config(tmp_path / "b", data, f"+teachers.weak.model={STUDENT}", "routing.field=family",
+                                  "+routing.map.add=weak"))
