@@ -26,6 +26,11 @@ through ``tip_ray.eval``'s one path, graded where the prompt has an answer; with
 the student's per-token reverse KL to that signal with its current weights (the served ones:
 evaluation happens only right after a sync). The teacher's own accuracy goes through the same
 path with the teacher pool as the engine (its deadlines and retries).
+
+Several teachers (``teachers``, ``routing``; ``tip_ray.driver.routing``): each prompt's samples
+are scored by the prompt's own teacher (every pool launched, then collected) and the signals
+joined in batch order; evaluation routes its prompts by the same rule; the learner reports its
+metrics per teacher (``teacher/<name>/...``).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ if TYPE_CHECKING:
     from tip_ray.eval.held_out import HeldOutEval
     from tip_ray.runtime.ray_runtime import RuntimeHooks
 
-    RuntimeFactory = Callable[[TrainConfig, RuntimeHooks, int], Runtime]
+    RuntimeFactory = Callable[[TrainConfig, RuntimeHooks, int | dict[str, int]], Runtime]
 
 __all__ = ["LearnerFailure", "PoisonedWeights", "TooManyBadSteps", "TrainSummary", "Trainer"]
 
@@ -91,20 +96,52 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _check_top_k(cfg: TrainConfig) -> tuple[int, int]:
-    """``teacher.top_k`` must fit the teacher's vocabulary (read from its config, before any actor
-    starts); returns the student's vocabulary rows and the teacher's vocabulary size."""
+def _check_top_k(cfg: TrainConfig, name: str = "default") -> tuple[int, int]:
+    """The top-K of teacher ``name`` (``teacher``, or ``teachers.<name>``) must fit its vocabulary
+    (read from its config, before any actor starts); returns the student's vocabulary rows and
+    the teacher's vocabulary size."""
     from transformers import AutoConfig
 
-    vocab = int(AutoConfig.from_pretrained(cfg.teacher.model).vocab_size)
+    from tip_ray.config import teacher_configs
+
+    teacher, key = teacher_configs(cfg)[name], _teacher_key(name)
+    vocab = int(AutoConfig.from_pretrained(teacher.model).vocab_size)
     student = int(AutoConfig.from_pretrained(cfg.student).vocab_size)
-    if cfg.teacher.top_k is not None and cfg.teacher.top_k > vocab:
-        raise ValueError(f"teacher.top_k = {cfg.teacher.top_k} exceeds the teacher's vocabulary ({vocab} ids, "
-                         f"{cfg.teacher.model}); use a smaller top_k or null for the full distribution")
+    if teacher.top_k is not None and teacher.top_k > vocab:
+        raise ValueError(f"{key}.top_k = {teacher.top_k} exceeds the teacher's vocabulary ({vocab} ids, "
+                         f"{teacher.model}); use a smaller top_k or null for the full distribution")
     return student, vocab
 
 
-def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> Runtime:
+def _teacher_key(name: str) -> str:
+    """The config key of teacher ``name``: ``teacher`` for the default one, else ``teachers.<name>``."""
+    return "teacher" if name == "default" else f"teachers.{name}"
+
+
+def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str, int]]:
+    """Every teacher's checkpoint, tokenizer (the student's vocabulary) and top-K (its own
+    vocabulary), before any actor starts; returns the student's vocabulary rows and the rows
+    each teacher scores, by name (its vocabulary cut to the student's). With ``top_k`` null each
+    teacher sends its whole (cut) vocabulary, which must then be one size: the learner's signal
+    has one K."""
+    from tip_ray.config import teacher_configs
+    from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
+
+    rows, student = {}, 0
+    for name, teacher in teacher_configs(cfg).items():
+        key = _teacher_key(name)
+        require_checkpoint(teacher.model, key)
+        check_same_vocabulary(student_tokenizer, load_tokenizer(teacher.model, key), cfg.student, teacher.model)
+        student, vocab = _check_top_k(cfg, name)
+        rows[name] = min(vocab, student)
+    if cfg.teacher.top_k is None and len(set(rows.values())) > 1:
+        raise ValueError(f"teacher.top_k is null (each teacher sends its whole vocabulary), but the teachers' "
+                         f"vocabularies, cut to the student's, differ: {rows}; the learner's signal has one K: set "
+                         "teacher.top_k and teachers.<name>.top_k to one number")
+    return student, rows
+
+
+def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int | dict[str, int]) -> Runtime:
     from tip_ray.runtime.ray_runtime import RayRuntime
 
     return RayRuntime(cfg, hooks, teacher_vocab)
@@ -112,32 +149,34 @@ def _ray_runtime(cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> R
 
 class Trainer:
     """Runs the loop over a runtime's pools: by default built on Ray from ``cfg``; ``runtime``
-    builds another from ``(cfg, hooks, teacher_vocab)`` (the driver's tests: in-process pools)."""
+    builds another from ``(cfg, hooks, teacher_vocab)`` (the driver's tests: in-process pools;
+    ``teacher_vocab``: the rows the teacher scores, by teacher name when prompts are routed)."""
 
     def __init__(self, cfg: TrainConfig, runtime: RuntimeFactory | None = None) -> None:
         from omegaconf import OmegaConf
 
-        from tip_ray.config import with_student_vocab
+        from tip_ray.config import teacher_configs, with_student_vocab
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
+        from tip_ray.data.routing import Router
         from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.runtime.ray_runtime import RuntimeHooks
         from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
-        from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
+        from tip_ray.state.preflight import load_tokenizer, require_checkpoint
         from tip_ray.state.resume import find_resume_point
         from tip_ray.tracking import Tracker
 
         cfg = with_engine_sizes(cfg)  # null engine sizes become the step's sequences per actor
         self.cfg = cfg
         require_checkpoint(cfg.student, "student")
-        require_checkpoint(cfg.teacher.model, "teacher")
         self.tokenizer = load_tokenizer(cfg.student, "student")
-        check_same_vocabulary(self.tokenizer, load_tokenizer(cfg.teacher.model, "teacher"), cfg.student,
-                              cfg.teacher.model)
-        self.train_data = load_prompt_dataset(cfg.data, self.tokenizer)
-        self.eval_data = load_prompt_dataset(cfg.eval_data, self.tokenizer) if cfg.eval_data else None
+        self.student_vocab, teacher_rows = _check_teachers(cfg, self.tokenizer)
+        self.teacher_names = list(teacher_configs(cfg))
+        self.routed = cfg.routing.active  # each prompt to its own teacher (else every one to teacher)
+        router = Router(cfg.routing, self.teacher_names) if self.routed else None
+        self.train_data = load_prompt_dataset(cfg.data, self.tokenizer, router)
+        self.eval_data = load_prompt_dataset(cfg.eval_data, self.tokenizer, router) if cfg.eval_data else None
         self.stream = PromptStream(self.train_data, cfg.trainer.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle)
-        self.student_vocab, teacher_vocab = _check_top_k(cfg)
         # The teacher scores over the student's ids only (a teacher's embedding may be padded further).
         cfg = self.cfg = with_student_vocab(cfg, self.student_vocab)
 
@@ -151,10 +190,11 @@ class Trainer:
         self._served = None  # (weights ref, version) of the weights the rollout pool serves, once synced
         self._saved_at = 0  # the step of the newest checkpoint this run wrote or resumed from
         self.recoveries = 0  # learner-group recoveries in this process (not checkpointed: bounds replay loops)
+        self.teachers_accuracy: dict[str, float] = {}  # routed: each teacher's accuracy on its own prompts
         self._stop_signal: int | None = None
         hooks = RuntimeHooks(self._on_event, self._served_weights, lambda: self.state.version)
         # The rows the teacher scores: its padding rule (-log rows) and the joined shards' must agree.
-        self.runtime = (runtime or _ray_runtime)(cfg, hooks, min(teacher_vocab, self.student_vocab))
+        self.runtime = (runtime or _ray_runtime)(cfg, hooks, teacher_rows if self.routed else teacher_rows["default"])
         from tip_ray.driver.multiturn import multiturn_rollouts
 
         self.multiturn = multiturn_rollouts(cfg, self.tokenizer, self.runtime)  # None: one turn per sample
@@ -211,12 +251,17 @@ class Trainer:
             return batch, self.multiturn.launch(batch.examples, seeds)
         return batch, self.runtime.rollout.launch(batch.prompt_ids, seeds)
 
-    def _score(self, input_ids, attention, loss_mask, where: str):
-        """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L];
-        refuses ids beyond the student's vocabulary rows at the ``loss_mask`` [B, L-1] positions."""
+    def _score(self, input_ids, attention, loss_mask, where: str, routes: list[str] | None = None):
+        """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L]
+        (with ``routes`` [B], a teacher name per sequence: each scored by its own teacher's pool,
+        joined in batch order); refuses ids beyond the student's vocabulary rows at the
+        ``loss_mask`` [B, L-1] positions."""
+        from tip_ray.driver.routing import score_routed
         from tip_ray.teacher.layout import first_scored_positions
 
-        signal = self.runtime.teacher.score(input_ids, attention, first_scored_positions(loss_mask))
+        first = first_scored_positions(loss_mask)
+        signal = (self.runtime.teacher.score(input_ids, attention, first) if routes is None else
+                  score_routed(self.runtime.teachers, routes, input_ids, attention, first))
         top_id = int(signal.topk_ids[loss_mask].max()) if bool(loss_mask.any()) else -1
         if top_id >= self.student_vocab:
             raise ValueError(f"{where}: the teacher sent token id {top_id}, beyond the student's {self.student_vocab} "
@@ -252,6 +297,9 @@ class Trainer:
         Raises ``PoisonedWeights`` when the update left non-finite weights; ``fit`` recovers from
         it, and from a dead learner rank, through the last checkpoint.
         """
+        import torch
+
+        from tip_ray.driver.routing import teacher_metrics
         from tip_ray.types import TrainBatch
 
         last, clock, upcoming = step == self.cfg.trainer.steps, PhaseClock(), None
@@ -263,7 +311,8 @@ class Trainer:
                 upcoming = self._launch_next()
         with clock.phase("teacher"):
             input_ids, attention, loss_mask = rollouts.to_sequences(self.tokenizer.pad_token_id)
-            signal = self._score(input_ids, attention, loss_mask, f"step {step}")
+            routes = [batch.examples[g.prompt_index].route for g in rollouts.generations] if self.routed else None
+            signal = self._score(input_ids, attention, loss_mask, f"step {step}", routes)
         rewards = None
         if self.cfg.loss.reward.enabled:
             from tip_ray.driver.rewards import grade_rollouts
@@ -271,8 +320,9 @@ class Trainer:
             with clock.phase("reward"):
                 rewards = grade_rollouts(rollouts, batch.answers, self.tokenizer, self.cfg.grader, self.cfg.loss.reward)
         with clock.phase("learner"):
+            group = None if routes is None else torch.tensor([self.teacher_names.index(r) for r in routes])
             train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version,
-                               advantages=None if rewards is None else rewards.advantages)
+                               advantages=None if rewards is None else rewards.advantages, group=group)
             metrics, stepped = self.runtime.learner.train_step(train)
             self._apply(step, stepped)
         with clock.phase("sync"):
@@ -286,6 +336,8 @@ class Trainer:
                 "skipped_total": self.state.bad_steps.total, **(self.multiturn.metrics() if self.multiturn else {})}
         if rewards is not None:
             line.update(reward_metrics(rewards, metrics[0], self.cfg.loss.reward.coef))
+        if routes is not None:
+            line.update(teacher_metrics(self.teacher_names, routes, getattr(metrics[0], "groups", {})))
         return line, upcoming
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -294,13 +346,22 @@ class Trainer:
         """Greedy accuracy on the eval prompts that have an answer (graded in the driver) of the
         served student, or of the teacher (``teacher``: generated by the teacher pool, with its
         deadlines and retries); None without eval prompts or when none has an answer."""
+        from tip_ray.driver.routing import RoutedTeachers, routed
         from tip_ray.eval.held_out import held_out_samples
 
         if self.eval_data is None:
             return None
         engine = self.runtime.teacher if teacher else self.runtime.rollout
-        return held_out_samples(engine, self.tokenizer, self.eval_data, self.cfg.grader,
-                                self.cfg.trainer.eval_max_new_tokens).accuracy
+        routes = [example.route for example in self.eval_data]
+        if teacher and self.routed:  # each prompt answered by its own teacher
+            engine = RoutedTeachers(self.runtime.teachers, routes)
+        samples = held_out_samples(engine, self.tokenizer, self.eval_data, self.cfg.grader,
+                                   self.cfg.trainer.eval_max_new_tokens)
+        if teacher and self.routed:  # eval/teacher/<name>/teacher_accuracy: each teacher on its own prompts
+            self.teachers_accuracy = {k.replace("/accuracy", "/teacher_accuracy"): v for k, v in
+                                      routed(samples, routes).metrics().items() if k.endswith("/accuracy")
+                                      and k.startswith("eval/teacher/")}
+        return samples.accuracy
 
     def held_out(self, divergence: bool | None = None) -> HeldOutEval | None:
         """Evaluate the served student on the eval prompts (None without any): greedy samples from
@@ -308,20 +369,24 @@ class Trainer:
         (``trainer.eval_divergence`` when None) the teacher pool scores the samples, the learner
         group gives the student's per-token reverse KL to that signal and the driver the greedy
         agreement with the teacher's argmax. ``HeldOutEval.metrics()`` names them ``eval/*``."""
+        from tip_ray.driver.routing import routed
         from tip_ray.eval.held_out import held_out_samples, with_divergence
 
         if self.eval_data is None:
             return None
         samples = held_out_samples(self.runtime.rollout, self.tokenizer, self.eval_data, self.cfg.grader,
                                    self.cfg.trainer.eval_max_new_tokens)
+        if self.routed:  # its metrics by teacher too: eval/teacher/<name>/...
+            samples = routed(samples, [example.route for example in self.eval_data])
         if not (self.cfg.trainer.eval_divergence if divergence is None else divergence):
             return samples
         if self.state.unserved_updates:
             raise RuntimeError(f"the learner holds {self.state.unserved_updates} updates the rollout pool does not "
                                f"serve (version {self.state.version}): the student's samples and its log-probs would "
                                "come from different weights; evaluate after a sync")
+        routes = [self.eval_data[g.prompt_index].route for g in samples.generations] if self.routed else None
         return with_divergence(samples, self.eval_data, self.state.version, self.tokenizer.pad_token_id,
-                               lambda ids, mask, loss: self._score(ids, mask, loss, "evaluation"),
+                               lambda ids, mask, loss: self._score(ids, mask, loss, "evaluation", routes),
                                self.runtime.learner.evaluate_tokens)
 
     def _evaluate_before(self) -> None:
@@ -331,7 +396,8 @@ class Trainer:
         self.state.accuracy_before = self.state.eval_before.get("eval/accuracy")
         if self.cfg.trainer.eval_teacher:
             self.state.teacher_accuracy = self.evaluate(teacher=True)
-        scores = {**self.state.eval_before, "eval/teacher_accuracy": self.state.teacher_accuracy}
+        scores = {**self.state.eval_before, "eval/teacher_accuracy": self.state.teacher_accuracy,
+                  **self.teachers_accuracy}
         self.tracker.log(0, {k: v for k, v in scores.items() if v is not None})
 
     # --- weights, checkpoints, recovery ----------------------------------------------------------

@@ -87,6 +87,8 @@ class TrainBatch:
     positions ([B, L-1, K]). ``policy_version`` is the weight version that sampled the responses.
     ``advantages``: float32 [B], each sequence's task-reward advantage (``loss.reward``), or None
     when the reward term is off.
+    ``group`` long [B] (or None): each sequence's teacher, as an index into the run's teachers
+    (several teachers, routed by prompt: the learner reports its metrics per group).
     """
 
     input_ids: torch.Tensor
@@ -95,6 +97,7 @@ class TrainBatch:
     teacher: TeacherSignal
     policy_version: int = 0
     advantages: torch.Tensor | None = None
+    group: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         b, length = self.input_ids.shape
@@ -107,6 +110,8 @@ class TrainBatch:
                                             or not self.advantages.dtype.is_floating_point):
             raise ValueError(f"advantages must be float [B] = [{b}], got {self.advantages.dtype} "
                              f"{tuple(self.advantages.shape)}")
+        if self.group is not None and tuple(self.group.shape) != (b,):
+            raise ValueError(f"group must be [B] = [{b}], got {tuple(self.group.shape)}")
 
     @property
     def size(self) -> int:
@@ -133,6 +138,7 @@ class TrainBatch:
                           t.sampled_logprobs[index, : width - 1]),
             self.policy_version,
             advantages=None if self.advantages is None else self.advantages[index],
+            group=None if self.group is None else self.group[index],
         )
 
     @property

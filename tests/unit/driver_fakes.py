@@ -73,16 +73,26 @@ class FakeTeacher:
     vocab: int
     top_k: int
     scored: int = 0
+    seen: list = field(default_factory=list)  # the sequences [b, L] of every score call
+    prompted: list = field(default_factory=list)  # the prompts of every generate call
 
     def score(self, input_ids, attention_mask, first_position=None) -> TeacherSignal:
         self.scored += 1
+        self.seen.append(input_ids.clone())
         g = torch.Generator().manual_seed(self.scored)
         b, length = input_ids.shape
         logits = torch.randn(b, length - 1, self.vocab, generator=g)
         logits[..., -1] += 50.0  # the last row is the teacher's argmax everywhere
         return TeacherSignal.from_logits(logits, input_ids[:, 1:], self.top_k)
 
+    def launch_score(self, input_ids, attention_mask, first_position=None) -> TeacherSignal:
+        return self.score(input_ids, attention_mask, first_position)
+
+    def collect_score(self, launch: TeacherSignal) -> TeacherSignal:
+        return launch
+
     def generate(self, prompts, sampling) -> list[Generation]:
+        self.prompted.append([list(p) for p in prompts])
         return [Generation(i, [7] * 3, [], "stop") for i in range(len(prompts))]
 
 
@@ -179,11 +189,16 @@ class FakeRuntime:
     to the rollout pool's served version (strictly increasing, as real actors insist).
     ``real_learner``: one in-process ``LearnerWorker`` rank instead of the scripted learner."""
 
-    def __init__(self, cfg, hooks, teacher_vocab: int, script: list[str], teacher_rows: int | None = None,
+    def __init__(self, cfg, hooks, teacher_vocab, script: list[str], teacher_rows: int | None = None,
                  real_learner: bool = False):
+        from tip_ray.config import teacher_configs
+
         self.cfg, self.hooks, self.script = cfg, hooks, script
         self.rollout = FakeRollouts(cfg.rollout.n)
-        self.teacher = FakeTeacher(teacher_rows or teacher_vocab, cfg.teacher.top_k or teacher_vocab)
+        vocabs = teacher_vocab if isinstance(teacher_vocab, dict) else {"default": teacher_vocab}  # by teacher
+        self.teachers = {name: FakeTeacher(teacher_rows or vocabs[name], t.top_k or vocabs[name])
+                         for name, t in teacher_configs(cfg).items()}
+        self.teacher = self.teachers["default"]
         self.learner = InProcessLearner(cfg) if real_learner else FakeLearner(script, cfg.learner.world_size)
         self.syncs: list[tuple[int, int]] = []  # (version, learner updates served)
         self.restarts = 0

@@ -7,7 +7,7 @@ import math
 import socket
 
 import pytest
-from driver_fakes import make_trainer, metric_lines, train_config, write_data
+from driver_fakes import ASSETS, make_trainer, metric_lines, train_config, write_data
 
 from tip_ray.tip.select import budget_for
 
@@ -25,7 +25,8 @@ BASE, WARMUP, TOTAL, FLOOR = 1e-3, 3, 8, 0.1
 @pytest.fixture(scope="module")
 def lines(data, tmp_path_factory):
     """The metrics lines of one 8-step run (DeepSpeed keeps process-wide state: one engine per
-    process): a cosine schedule with warm-up, selection per micro-batch."""
+    process): a cosine schedule with warm-up, selection per micro-batch, and two teachers routed
+    by the problem's family (the per-teacher statistics)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -38,7 +39,9 @@ def lines(data, tmp_path_factory):
                        "trainer.eval_teacher=false", "learner.zero_stage=1", f"trainer.steps={TOTAL}",
                        f"learner.lr={BASE}", f"learner.warmup_steps={WARMUP}", f"learner.total_steps={TOTAL}",
                        "learner.lr_schedule=cosine", f"learner.min_lr_ratio={FLOOR}", "selection.rule=soft_or",
-                       "selection.ratio=0.3", "selection.scope=micro_batch")
+                       "selection.ratio=0.3", "selection.scope=micro_batch",
+                       f"+teachers.weak.model={ASSETS / 'student'}", "routing.field=family",
+                       "+routing.map.add=default", "+routing.map.mul=weak")
     trainer, _ = make_trainer(cfg, real_learner=True)
     try:
         trainer.fit()
@@ -67,3 +70,20 @@ def test_micro_batch_scope_keeps_the_ratio_of_each_micro_batch(lines):
     for line in lines:
         assert line["valid_tokens"] == 32
         assert line["kept_tokens"] == 4 * budget_for(0.3, 8) == 12 != budget_for(0.3, 32)
+
+
+def test_per_teacher_statistics_split_the_steps_statistics_exactly(lines):
+    names = ("default", "weak")
+    assert sum(line["teacher/weak/sequences"] for line in lines) > 0
+    for line in lines:
+        routed = [n for n in names if line[f"teacher/{n}/sequences"]]
+        assert sum(line[f"teacher/{n}/sequences"] for n in names) == 8
+        assert sum(line[f"teacher/{n}/valid_tokens"] for n in routed) == line["valid_tokens"]
+        assert sum(line[f"teacher/{n}/kept_tokens"] for n in routed) == line["kept_tokens"]
+        for n in routed:
+            kept, valid = line[f"teacher/{n}/kept_tokens"], line[f"teacher/{n}/valid_tokens"]
+            assert line[f"teacher/{n}/kept_fraction"] == kept / valid
+        for key, count in (("rkl_mean", "valid_tokens"), ("rkl_kept_mean", "kept_tokens"),
+                           *((f"quadrant/Q{q}", "valid_tokens") for q in range(1, 5))):
+            split = sum(line[f"teacher/{n}/{key}"] * line[f"teacher/{n}/{count}"] for n in routed)
+            assert split / line[count] == pytest.approx(line[key], rel=1e-5)  # the step's own number

@@ -45,6 +45,13 @@ from tip_ray.config.learning import (
     SelectionConfig,
 )
 from tip_ray.config.reward import RewardConfig
+from tip_ray.config.routing import (
+    DEFAULT_TEACHER,
+    ROUTING_UNMAPPED,
+    RoutingConfig,
+    teacher_configs,
+    teacher_placement,
+)
 from tip_ray.config.run import (
     ON_LEARNER_FAILURE,
     PLACEMENT_STRATEGIES,
@@ -99,6 +106,11 @@ __all__ = [
     "SYNC_BACKENDS",
     "SyncConfig",
     "with_student_vocab",
+    "DEFAULT_TEACHER",
+    "ROUTING_UNMAPPED",
+    "RoutingConfig",
+    "teacher_configs",
+    "teacher_placement",
     "TrainConfig",
     "register_configs",
 ]

@@ -4,11 +4,13 @@ weight sync, and ``TrainConfig`` composing every component; their registration w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from tip_ray.config.data import DataConfig, EvalConfig
 from tip_ray.config.engines import RolloutConfig, TeacherConfig
 from tip_ray.config.fields import identity, raise_first_failure
 from tip_ray.config.learning import LearnerConfig, LossConfig, SelectionConfig
+from tip_ray.config.routing import RoutingConfig, check_teachers, typed_entries
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -59,7 +61,9 @@ class ClusterConfig:
     machine has); ``auto`` or ``ray://host:port`` joins a running cluster. ``dashboard`` starts
     Ray's dashboard on ``dashboard_host`` (localhost unless configured otherwise) for a local
     instance. Each pool (``rollout``, ``teacher``, ``learner``) has its own per-actor resources
-    and placement strategy; ``placement_timeout_s`` bounds the wait for a pool to be placed.
+    and placement strategy; ``teachers.<name>`` places the pool of extra teacher ``<name>``
+    (keys it leaves out are ``teacher``'s; no entry: as ``teacher``); ``placement_timeout_s``
+    bounds the wait for a pool to be placed.
     ``object_store_memory`` (bytes) sizes a local instance's object store; null leaves it to Ray
     (30% of the machine's memory, capped by the size of /dev/shm: a machine detail).
     """
@@ -74,6 +78,7 @@ class ClusterConfig:
     rollout: PoolPlacement = field(default_factory=PoolPlacement)
     teacher: PoolPlacement = field(default_factory=PoolPlacement)
     learner: PoolPlacement = field(default_factory=PoolPlacement)
+    teachers: dict[str, Any] = field(default_factory=dict)  # name -> PoolPlacement of an extra teacher
 
     def __post_init__(self) -> None:
         checks = (
@@ -94,6 +99,9 @@ class ClusterConfig:
         raise_first_failure(checks)
         for pool in ("rollout", "teacher", "learner"):
             getattr(self, pool).check(pool)
+        self.teachers = typed_entries(self.teachers, self.teacher, "cluster.teachers", "cluster.teacher")
+        for name, placement in self.teachers.items():
+            placement.check(f"teachers.{name}")
 
 
 @dataclass
@@ -270,16 +278,22 @@ def with_student_vocab(cfg: TrainConfig, student_vocab: int) -> TrainConfig:
     describe this student)."""
     from dataclasses import replace
 
-    given = cfg.teacher.student_vocab_size
-    if given is not None and given != student_vocab:
-        raise ValueError(f"teacher.student_vocab_size = {given}, but the student ({cfg.student}) has {student_vocab} "
-                         "vocabulary rows; leave it null (tip-ray train sets it from the student)")
-    return replace(cfg, teacher=replace(cfg.teacher, student_vocab_size=student_vocab))
+    for key, teacher in (("teacher", cfg.teacher), *((f"teachers.{n}", t) for n, t in cfg.teachers.items())):
+        given = teacher.student_vocab_size
+        if given is not None and given != student_vocab:
+            raise ValueError(f"{key}.student_vocab_size = {given}, but the student ({cfg.student}) has {student_vocab} "
+                             "vocabulary rows; leave it null (tip-ray train sets it from the student)")
+    return replace(cfg, teacher=replace(cfg.teacher, student_vocab_size=student_vocab),
+                   teachers={n: replace(t, student_vocab_size=student_vocab) for n, t in cfg.teachers.items()})
 
 
 @dataclass
 class TrainConfig:
-    """``tip-ray train``: every component's config, validated together before anything starts."""
+    """``tip-ray train``: every component's config, validated together before anything starts.
+
+    ``teachers``: named extra teachers (``name -> TeacherConfig`` fields; keys left out are
+    ``teacher``'s) and ``routing``: which prompt goes to which teacher (``tip_ray.config.routing``).
+    """
 
     student: str = identity()
     teacher: TeacherConfig = identity()
@@ -296,10 +310,13 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    teachers: dict[str, Any] = identity(default_factory=dict)  # name -> TeacherConfig of an extra teacher
+    routing: RoutingConfig = identity(default_factory=RoutingConfig)
 
     def __post_init__(self) -> None:
         from tip_ray.data.grading import GRADERS
 
+        self.teachers = typed_entries(self.teachers, self.teacher, "teachers", "teacher", required=("model",))
         if self.grader not in GRADERS:
             raise ValueError(f"grader must be one of {sorted(GRADERS)}, got {self.grader!r}")
         if self.learner.model != self.student:
@@ -326,6 +343,7 @@ class TrainConfig:
             raise ValueError(f"data.followups_field={self.data.followups_field!r} is never read with rollout.max_turns=1 "
                              "(one student turn per sample); set rollout.max_turns to the turns a sample may take")
         self._check_gpu_layout()
+        check_teachers(self)
 
     @property
     def sync_uses_nccl(self) -> bool:

@@ -15,7 +15,7 @@ Bad input raises ``DataError`` naming the source and the problem; empty prompts 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +67,8 @@ class PromptExample:
     With a chat template, ``messages`` are the rendered conversation (system prompt included) and
     ``tools`` the row's tool schemas; ``followups`` the row's follow-ups (``data.followups_field``),
     the k-th appended after the student's (k+1)-th turn (``tip_ray.driver.multiturn``).
+    ``route``: the name of the teacher that scores it (``tip_ray.data.routing``; ``default``
+    without routing).
     """
 
     uid: str
@@ -77,6 +79,7 @@ class PromptExample:
     messages: tuple[Message, ...] | None = None
     tools: tuple[dict[str, Any], ...] | None = None
     followups: tuple[list[Message], ...] = ()
+    route: str = "default"
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ def check_chat_template_kwargs(kwargs: Mapping[str, Any], tokenizer: PromptToken
 # Rows -> prompts
 
 
-def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDataset:
+def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer,
+                        router: Callable[[Row, int, str, str], str] | None = None) -> PromptDataset:
     """Read ``cfg.path`` and build one ``PromptExample`` per usable row.
 
     A string prompt is formatted with ``cfg.prompt_template``; a list-of-messages prompt is used as
@@ -200,6 +204,8 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
     without adding special tokens again; without it, the formatted string is tokenized with the
     tokenizer's usual special tokens (e.g. BOS). Rows whose prompt is empty are skipped; rows over
     ``cfg.max_prompt_tokens`` tokens are skipped (``on_overlong=drop``) or raise (``error``).
+    ``router(row, index, uid, source)`` names each prompt's teacher (``tip_ray.data.routing.Router``;
+    None: ``default``).
     Raises ``DataError`` on a missing field, a malformed prompt, duplicate ids, or no usable row.
     """
     source = cfg.path
@@ -213,7 +219,7 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
     rows = read_rows(cfg)
 
     texts: list[str] = []
-    kept_rows: list[tuple[int, str, str | None, _Conversation]] = []
+    kept_rows: list[tuple[int, str, str | None, _Conversation, str]] = []
     seen_uids: dict[str, int] = {}
     dropped_empty = 0
     for index, row in enumerate(rows):
@@ -233,12 +239,13 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
         if followups:
             _check_followups_render(tokenizer, cfg, text, messages, tools, followups, where)
         texts.append(text)
-        kept_rows.append((index, uid, answer, _Conversation(messages, tools, followups)))
+        kept_rows.append((index, uid, answer, _Conversation(messages, tools, followups),
+                          router(row, index, uid, source) if router else "default"))
 
     all_ids = _tokenize(tokenizer, texts, add_special_tokens=not cfg.apply_chat_template)
     examples: list[PromptExample] = []
     dropped_overlong = 0
-    for (index, uid, answer, conversation), text, ids in zip(kept_rows, texts, all_ids):
+    for (index, uid, answer, conversation, route), text, ids in zip(kept_rows, texts, all_ids):
         if len(ids) > cfg.max_prompt_tokens:
             if cfg.on_overlong == "error":
                 raise DataError(
@@ -248,7 +255,7 @@ def load_prompt_dataset(cfg: DataConfig, tokenizer: PromptTokenizer) -> PromptDa
             dropped_overlong += 1
             continue
         examples.append(PromptExample(uid=uid, prompt_ids=list(ids), prompt_text=text, answer=answer, index=index,
-                                      **conversation.fields()))
+                                      route=route, **conversation.fields()))
 
     stats = DatasetStats(len(rows), dropped_empty, dropped_overlong, len(examples))
     if not examples:

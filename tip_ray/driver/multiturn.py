@@ -17,7 +17,7 @@ A sample ends (the follow-ups left are dropped) when it has ``rollout.max_turns`
 row has no follow-up left, when a turn stops at ``rollout.max_new_tokens`` (``length``: the turn
 is not closed) or on a stop token the template does not end turns with, and when the next turn
 might not fit: the next prompt plus ``rollout.max_new_tokens`` must fit ``rollout.max_model_len``
-and the teacher's ``max_model_len - 1``, so a whole sample always fits both engines.
+and the teachers' ``max_model_len - 1`` (the shortest, with several), so a whole sample always fits.
 
 Seeds: the first turn samples with the prompt's stream seed (``sample_seeds``); turn t >= 2 of the
 j-th sample of a prompt with ``turn_seed(seed, t, j)``, so a resumed run replays the same samples.
@@ -201,8 +201,11 @@ def _last_run(flags: list[bool]) -> int:
 
 def multiturn_rollouts(cfg: Any, tokenizer: Any, runtime: Any) -> MultiTurnRollouts | None:
     """The multi-turn wrapper of a run's rollout port (``cfg``: the ``TrainConfig``), or None when
-    ``rollout.max_turns`` is 1 (one response per prompt, sampled by the port itself)."""
+    ``rollout.max_turns`` is 1 (one response per prompt, sampled by the port itself). With several
+    teachers a sample must fit the shortest ``max_model_len`` of them: any may score it."""
+    from tip_ray.config import teacher_configs
+
     if cfg.rollout.max_turns <= 1:
         return None
-    return MultiTurnRollouts(runtime, tokenizer, cfg.rollout, cfg.teacher.max_model_len - 1,
-                             cfg.data.chat_template_kwargs)
+    shortest = min(t.max_model_len for t in teacher_configs(cfg).values())
+    return MultiTurnRollouts(runtime, tokenizer, cfg.rollout, shortest - 1, cfg.data.chat_template_kwargs)

@@ -4,7 +4,7 @@ implement them with plain in-process objects. Shapes and records as in ``tip_ray
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -26,10 +26,16 @@ class Rollouts(Protocol):
 
 
 class Teacher(Protocol):
-    """Scores sequences [B, L] into a signal [B, L-1, K]; generates for its own evaluation."""
+    """Scores sequences [B, L] into a signal [B, L-1, K] (``score``, or ``launch_score`` without
+    waiting and ``collect_score``: several teachers score at once); generates for its own evaluation."""
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               first_position: torch.Tensor | None = None) -> TeacherSignal: ...
+
+    def launch_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     first_position: torch.Tensor | None = None) -> Any: ...
+
+    def collect_score(self, launch: Any) -> TeacherSignal: ...
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]: ...
 
@@ -58,10 +64,12 @@ class SyncResult(Protocol):
 
 
 class Runtime(Protocol):
-    """The pools of one run and the weight sync between them."""
+    """The pools of one run and the weight sync between them. ``teachers``: every teacher pool by
+    name (``default`` first: ``teacher``, the one pool of a run without routing)."""
 
     rollout: Rollouts
     teacher: Teacher
+    teachers: Mapping[str, Teacher]
     learner: Learner
 
     def sync_weights(self, version: int) -> SyncResult:

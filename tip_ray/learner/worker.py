@@ -72,6 +72,9 @@ class StepMetrics:
     # batch's response tokens / their count; None when the term is off. ``loss`` stays the
     # distillation loss alone.
     reward_loss: float | None = None
+    # Per teacher (``TrainBatch.group`` index; empty without groups): kept fraction, reverse KL,
+    # quadrant shares ... of its sequences' tokens (``_group_metrics``).
+    groups: dict[int, dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
 def _peak_memory_bytes() -> int:
@@ -82,6 +85,14 @@ def _peak_memory_bytes() -> int:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return int(collectives.max_over_ranks(float(peak)))
+
+
+def _table_stats(table: torch.Tensor) -> TokenStats:
+    """The statistics table [m, D] (``STAT_NAMES`` columns, then the token id) as one row of
+    ``TokenStats`` [1, m] (what ``quadrants`` reads)."""
+    values = {n: table[:, j].float().unsqueeze(0) for j, n in enumerate(STAT_NAMES)}
+    return TokenStats(**values, token_ids=table[:, len(STAT_NAMES)].long().unsqueeze(0),
+                      mask=torch.ones(1, table.shape[0], dtype=torch.bool), vocab_size=0)
 
 
 def _finite_on_mask(stats: TokenStats) -> bool:
@@ -362,8 +373,9 @@ class LearnerWorker:
         total = collectives.all_reduce(torch.tensor([loss_sum, reward_sum], dtype=torch.float64))
         global_weights, _ = collectives.all_gather_rows(local_weights.double().unsqueeze(-1))
         metrics = self._metrics(float(total[0]), table, global_weights[:, 0] != 0, totals)
+        groups = self._group_metrics(micro, table, global_weights[:, 0] != 0) if batch.group is not None else {}
         return dataclasses.replace(metrics, peak_memory_bytes=_peak_memory_bytes(), phase_seconds=phases,
-                                   reward_loss=float(total[1]) if reward is not None else None)
+                                   reward_loss=float(total[1]) if reward is not None else None, groups=groups)
 
     def _reward_coef(self, batch: TrainBatch) -> float | None:
         """``loss.reward.coef`` when the reward term is on (None when off); a batch whose
@@ -387,9 +399,7 @@ class LearnerWorker:
     def _metrics(loss: float, table: torch.Tensor, kept_mask: torch.Tensor, totals: torch.Tensor) -> StepMetrics:
         entropy = table[:, STAT_NAMES.index("entropy")]
         rkl = table[:, STAT_NAMES.index("rkl")]
-        values = {n: table[:, j].float().unsqueeze(0) for j, n in enumerate(STAT_NAMES)}
-        flat_stats = TokenStats(**values, token_ids=table[:, len(STAT_NAMES)].long().unsqueeze(0),
-                                mask=torch.ones(1, table.shape[0], dtype=torch.bool), vocab_size=0)
+        flat_stats = _table_stats(table)
 
         def mean(x: torch.Tensor) -> float:
             return float(x.mean()) if x.numel() else 0.0
@@ -399,6 +409,31 @@ class LearnerWorker:
                            quadrant_shares=quadrants(flat_stats).shares, entropy_mean=mean(entropy),
                            entropy_kept_mean=mean(entropy[kept_mask]), rkl_mean=mean(rkl),
                            rkl_kept_mean=mean(rkl[kept_mask]))
+
+    def _group_metrics(self, micro: list[TrainBatch], table: torch.Tensor,
+                       kept_mask: torch.Tensor) -> dict[int, dict[str, float]]:
+        """Each group's tokens' kept fraction, mean and kept-token reverse KL and entropy, and
+        quadrant shares (of the batch's quadrants: split at the whole batch's medians, so the
+        groups' shares compare), a collective: the global statistics table [m, D] carries each
+        token's sequence row (the rank's micro-batches in order, ranks in order), whose group
+        every rank gathers; ``kept_mask`` [m] bool in table order."""
+        local = torch.cat([mb.group for mb in micro]).cpu().double().unsqueeze(-1)
+        groups = collectives.all_gather_rows(local)[0][:, 0].long()
+        token_groups = groups[table[:, len(STAT_NAMES) + 1].long()]
+        labels = quadrants(_table_stats(table)).labels[0]
+        rkl, entropy = table[:, STAT_NAMES.index("rkl")], table[:, STAT_NAMES.index("entropy")]
+        out = {}
+        for g in groups.unique().tolist():
+            mine = token_groups == g
+            kept = mine & kept_mask
+            valid, n_kept = int(mine.sum()), int(kept.sum())
+            out[int(g)] = {"kept_fraction": n_kept / max(1, valid), "kept_tokens": n_kept, "valid_tokens": valid,
+                           "rkl_mean": float(rkl[mine].mean()) if valid else 0.0,
+                           "rkl_kept_mean": float(rkl[kept].mean()) if n_kept else 0.0,
+                           "entropy_mean": float(entropy[mine].mean()) if valid else 0.0,
+                           **{f"quadrant/Q{q}": float((labels[mine] == q).double().mean()) if valid else 0.0
+                              for q in range(1, 5)}}
+        return out
 
     @torch.no_grad()
     def evaluate_tokens(self, batch: TrainBatch) -> torch.Tensor:

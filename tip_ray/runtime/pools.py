@@ -514,6 +514,12 @@ class TeacherPool(ActorPool):
         """The teacher's signal [B, L-1, K] for ``input_ids``/``attention_mask`` [B, L]; each
         actor scores its rows cut to their longest sequence; rows come back in the original order.
         ``first_position`` [B]: the first position each row needs (``TeacherWorker.score``)."""
+        return self.collect_score(self.launch_score(input_ids, attention_mask, first_position))
+
+    def launch_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     first_position: torch.Tensor | None = None) -> tuple[PoolCall, int, int]:
+        """Start ``score`` without waiting (several teacher pools score at once); ``collect_score``
+        waits for it."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                              "must both be [B, L]")
@@ -524,4 +530,9 @@ class TeacherPool(ActorPool):
 
         call = self.start(sequence_lengths(attention_mask), payload,
                           lambda actor, ids, mask, first: actor.score.remote(ids, mask, first))
-        return join_signals(self.finish(call), input_ids.shape[0], input_ids.shape[1], self.vocab_size)
+        return call, int(input_ids.shape[0]), int(input_ids.shape[1])
+
+    def collect_score(self, launch: tuple[PoolCall, int, int]) -> TeacherSignal:
+        """Wait for a ``launch_score``, with the pool's deadlines and retries: the signal [B, L-1, K]."""
+        call, rows, length = launch
+        return join_signals(self.finish(call), rows, length, self.vocab_size)

@@ -11,13 +11,13 @@ at most ``faults.max_step_retries`` times. A learner rank that dies is the drive
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from tip_ray.config import TrainConfig
+from tip_ray.config import DEFAULT_TEACHER, TrainConfig, teacher_configs, teacher_placement
 from tip_ray.runtime.learner_group import LearnerGroup
 from tip_ray.runtime.placement import PoolResources, check_fits
 from tip_ray.runtime.pools import ACTOR_FAILURES, PoolError, RolloutPool, TeacherPool
@@ -36,11 +36,14 @@ class RuntimeHooks:
 
 
 def pool_resources(cfg: TrainConfig) -> dict[str, PoolResources]:
-    """The three pools' actors and resources per actor (``cluster.*``)."""
+    """The pools' actors and resources per actor (``cluster.*``): rollout, teacher, learner, and
+    ``teacher.<name>`` for each extra teacher (``teachers.<name>``, placed by ``cluster.teachers.<name>``)."""
     c = cfg.cluster
     return {"rollout": PoolResources.of("rollout", cfg.rollout.num_workers, c.rollout),
             "teacher": PoolResources.of("teacher", cfg.teacher.num_workers, c.teacher),
-            "learner": PoolResources.of("learner", cfg.learner.world_size, c.learner)}
+            "learner": PoolResources.of("learner", cfg.learner.world_size, c.learner),
+            **{f"teacher.{name}": PoolResources.of(f"teacher.{name}", t.num_workers, teacher_placement(cfg, name))
+               for name, t in cfg.teachers.items()}}
 
 
 def connect(cfg: TrainConfig) -> None:
@@ -59,16 +62,21 @@ def connect(cfg: TrainConfig) -> None:
 class RayRuntime:
     """The pools of a run on Ray (see the module docstring). ``teacher_vocab``: the rows the
     teacher scores (its vocabulary, cut to the student's; the padding placeholder of its signal,
-    ``tip_ray.teacher.layout``, is -log of it)."""
+    ``tip_ray.teacher.layout``, is -log of it), by teacher name when there are several
+    (``teachers``: one pool each, ``teacher`` the default one's)."""
 
-    def __init__(self, cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int) -> None:
+    def __init__(self, cfg: TrainConfig, hooks: RuntimeHooks, teacher_vocab: int | Mapping[str, int]) -> None:
         connect(cfg)
         self.cfg, self.hooks = cfg, hooks
         pools = pool_resources(cfg)
         timeout = cfg.cluster.placement_timeout_s
         self.rollout = RolloutPool(pools["rollout"], cfg.rollout, cfg.student, cfg.faults, hooks.served_weights,
                                    hooks.on_event, timeout, served_version=hooks.served_version)
-        self.teacher = TeacherPool(pools["teacher"], cfg.teacher, cfg.faults, teacher_vocab, hooks.on_event, timeout)
+        vocabs = teacher_vocab if isinstance(teacher_vocab, Mapping) else {DEFAULT_TEACHER: teacher_vocab}
+        self.teachers = {name: TeacherPool(pools["teacher" if name == DEFAULT_TEACHER else f"teacher.{name}"], tcfg,
+                                           cfg.faults, vocabs[name], hooks.on_event, timeout)
+                         for name, tcfg in teacher_configs(cfg).items()}
+        self.teacher = self.teachers[DEFAULT_TEACHER]
         self._learner_pool = pools["learner"]
         self.learner = self._new_learner()
         self.transport = make_transport(cfg.sync, self.learner, self.rollout.live_actors)
@@ -146,8 +154,9 @@ class RayRuntime:
         """Stop the transport, the learner group and the pools, then Ray; returns what failed to
         close (every part is tried: the cluster must go down whatever broke)."""
         failures = []
+        teachers = [(f"teacher {name}", pool) for name, pool in self.teachers.items()]
         for name, part in (("sync", self.transport), ("learner", self.learner), ("rollout", self.rollout),
-                           ("teacher", self.teacher)):
+                           *teachers):
             try:
                 part.close()
             except Exception as exc:

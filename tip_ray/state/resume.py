@@ -48,7 +48,10 @@ _ABSENT = object()  # a key a config does not hold (None is a value: teacher.top
 
 
 def _config_class(annotation: Any) -> type | None:
-    """The config dataclass a field holds (``X`` or ``X | None``), or None for a plain value."""
+    """The config dataclass a field holds (``X`` or ``X | None``), or None for a plain value (a
+    dict of config dataclasses, such as ``teachers``, is compared as one value)."""
+    if typing.get_origin(annotation) in (dict, list):
+        return None
     candidates = (annotation, *typing.get_args(annotation))
     return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
 
