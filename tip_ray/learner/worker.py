@@ -41,6 +41,7 @@ import torch.distributed as dist
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.devices import to_device
 from tip_ray.learner import collectives
+from tip_ray.learner.student import build_student
 from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
 from tip_ray.tip.lean import kept_token_loss
 from tip_ray.tip.lean_stats import token_stats_from_hidden
@@ -87,53 +88,6 @@ def _finite_on_mask(stats: TokenStats) -> bool:
 
 class NonFiniteWeightsError(RuntimeError):
     """The learner's weights hold NaN or inf (they must not be saved or served)."""
-
-
-class _HiddenStates(torch.nn.Module):
-    """The causal LM seen by DeepSpeed: its forward stops at the final hidden states.
-
-    DeepSpeed's engine must run every forward (ZeRO-3 loses accumulated gradients when
-    submodules are called around it); the lm_head is applied by the lean loss instead.
-    """
-
-    def __init__(self, causal_lm: torch.nn.Module) -> None:
-        super().__init__()
-        self.lm = causal_lm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, L, H] of ``input_ids``/``attention_mask`` [B, L] (on the model's
-        device); no KV cache is built (training never reuses one)."""
-        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
-
-
-def build_student(learner: LearnerConfig) -> _HiddenStates:
-    """The student as DeepSpeed will wrap it: ``learner.model`` loaded in ``learner.dtype`` on the
-    CPU (DeepSpeed moves or partitions it), with transformers' non-reentrant gradient
-    checkpointing on every decoder layer when ``learner.gradient_checkpointing``.
-
-    Checkpointing is enabled on the causal LM before DeepSpeed wraps it, so ZeRO-3's parameter
-    hooks run (and gather) again during the recompute; every student parameter is trainable,
-    which non-reentrant checkpointing under ZeRO-3 needs (a frozen, partitioned parameter
-    would be recomputed at size 0). transformers checkpoints only in training mode, so the model
-    is put in it then; otherwise it stays in evaluation mode, as loaded. A student with dropout is
-    refused with checkpointing: the statistics pass and the gradient pass would see different
-    dropout masks, so tokens would be selected on one forward and trained on another.
-    """
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if learner.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(learner.model, dtype=dtype)
-    if learner.gradient_checkpointing:
-        dropouts = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
-        dropouts.update({key: value for key, value in model.config.to_dict().items()
-                         if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0})
-        if dropouts:
-            raise ValueError(f"learner.gradient_checkpointing needs a student without dropout, but {learner.model} has "
-                             f"{dropouts}; set those to 0 in its config.json or turn gradient_checkpointing off")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-    return _HiddenStates(model)
 
 
 class LearnerWorker:
