@@ -41,6 +41,7 @@ from tip_ray.config.learning import (
     SELECTION_SCOPES,
     ZERO_STAGES,
     LearnerConfig,
+    LoraConfig,
     LossConfig,
     SelectionConfig,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "SelectionConfig",
     "LossConfig",
     "LearnerConfig",
+    "LoraConfig",
     "TEACHER_BACKENDS",
     "VALUE_DTYPES",
     "MODEL_DTYPES",

@@ -15,9 +15,12 @@ class _HiddenStates(torch.nn.Module):
     submodules are called around it); the lm_head is applied by the lean loss instead.
     """
 
-    def __init__(self, causal_lm: torch.nn.Module) -> None:
+    def __init__(self, causal_lm: torch.nn.Module, peft_model: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.lm = causal_lm
+        # The PeftModel around ``lm`` (LoRA students; it writes the adapter), kept out of the module
+        # tree so that DeepSpeed sees each parameter once, under its Hugging Face name.
+        self.__dict__["peft_model"] = peft_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, L, H] of ``input_ids``/``attention_mask`` [B, L] (on the model's
@@ -38,6 +41,10 @@ def build_student(learner: LearnerConfig) -> _HiddenStates:
     is put in it then; otherwise it stays in evaluation mode, as loaded. A student with dropout is
     refused with checkpointing: the statistics pass and the gradient pass would see different
     dropout masks, so tokens would be selected on one forward and trained on another.
+
+    With ``learner.lora.enabled`` the LoRA layers are injected last (``tip_ray.learner.lora``): only
+    the adapters are trainable (hence no checkpointing under ZeRO-3, ``LearnerConfig``), and
+    ``peft_model`` holds the ``PeftModel`` around ``lm``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -52,4 +59,8 @@ def build_student(learner: LearnerConfig) -> _HiddenStates:
                              f"{dropouts}; set those to 0 in its config.json or turn gradient_checkpointing off")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+    if learner.lora.enabled:
+        from tip_ray.learner.lora import apply_lora
+
+        return _HiddenStates(model, apply_lora(model, learner.lora))
     return _HiddenStates(model)
