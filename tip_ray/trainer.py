@@ -118,6 +118,7 @@ class Trainer:
 
         from tip_ray.config import with_student_vocab
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
+        from tip_ray.learner.lora import check_student_targets
         from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.runtime.ray_runtime import RuntimeHooks
         from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
@@ -129,6 +130,7 @@ class Trainer:
         self.cfg = cfg
         require_checkpoint(cfg.student, "student")
         require_checkpoint(cfg.teacher.model, "teacher")
+        check_student_targets(cfg.learner)  # learner.lora's target modules, against the student's layers
         self.tokenizer = load_tokenizer(cfg.student, "student")
         check_same_vocabulary(self.tokenizer, load_tokenizer(cfg.teacher.model, "teacher"), cfg.student,
                               cfg.teacher.model)

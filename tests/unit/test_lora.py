@@ -1,7 +1,8 @@
 """LoRA students (``learner.lora``): the config's checks, the target-module check against a real
 student, and one real LearnerWorker rank (DeepSpeed on gloo, in a spawned process: DeepSpeed keeps
-process-wide state) under ZeRO-2 and ZeRO-3 that trains the adapters, serves the merged weights
-under the base model's names, saves and restores only the adapters, and exports them."""
+process-wide state) under ZeRO-2, and under ZeRO-3 with gradient checkpointing (a frozen, partitioned base recomputed
+in the backward), that trains the adapters, serves the merged weights under the base model's
+names, saves and restores only the adapters, and exports them."""
 
 from __future__ import annotations
 
@@ -49,11 +50,7 @@ def test_lora_settings_out_of_range_are_refused(settings, message):
 def test_lora_combinations_that_cannot_work_are_refused():
     with pytest.raises(ValueError, match=r"learner.lora.dropout=0.1 cannot be used.*selected on one forward"):
         LearnerConfig(model="m", lora=LoraConfig(enabled=True, dropout=0.1))
-    with pytest.raises(ValueError, match=r"gradient_checkpointing=true cannot run under learner.zero_stage=3"):
-        LearnerConfig(model="m", zero_stage=3, gradient_checkpointing=True, lora=LoraConfig(enabled=True))
-    # Each alone is fine; LoRA off leaves both settings as they were.
-    LearnerConfig(model="m", zero_stage=3, gradient_checkpointing=True)
-    LearnerConfig(model="m", zero_stage=2, gradient_checkpointing=True, lora=LoraConfig(enabled=True))
+    LearnerConfig(model="m", lora=LoraConfig(dropout=0.1))  # LoRA off: the LoRA settings are not used
 
 
 def test_target_modules_must_name_linear_layers_of_the_decoder(tiny_student):
@@ -77,13 +74,14 @@ def _batch() -> TrainBatch:
     return TrainBatch(ids, torch.ones_like(ids), mask, teacher)
 
 
-def _lora_rank(rank: int, port: int, model: str, stage: int, out: str) -> None:
+def _lora_rank(rank: int, port: int, model: str, stage: int, checkpointing: bool, out: str) -> None:
     """One learner rank: two steps, then the served weights, a save/step/load/step round trip and
     an export; what it saw goes to ``out/result.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from tip_ray.learner.worker import LearnerWorker
 
     cfg = LearnerConfig(model=model, zero_stage=stage, lr=1e-2, global_batch_size=BATCH, micro_batch_size=2,
+                        gradient_checkpointing=checkpointing,
                         lora=LoraConfig(enabled=True, r=R, alpha=ALPHA, target_modules=["q_proj", "v_proj",
                                                                                         "down_proj"]))
     worker = LearnerWorker(cfg, SelectionConfig(rule="soft_or", ratio=0.5), LossConfig())
@@ -128,26 +126,44 @@ def _numel(obj) -> int:
     return 0
 
 
-def _run(model: str, stage: int, out: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_lora_rank, args=(port, model, stage, str(out)), nprocs=1, join=True, start_method="spawn")
-    return torch.load(out / "result.pt", weights_only=False)
+CASES = {2: False, 3: True}  # ZeRO stage: gradient checkpointing
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_student, tmp_path_factory) -> dict[int, tuple[dict, Path]]:
+    """Per ZeRO stage of ``CASES``: what the rank saw, and its output directory."""
+    out = {}
+    for stage, checkpointing in CASES.items():
+        directory = tmp_path_factory.mktemp(f"lora-zero{stage}")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_lora_rank, args=(port, tiny_student, stage, checkpointing, str(directory)), nprocs=1,
+                           join=True, start_method="spawn")
+        out[stage] = torch.load(directory / "result.pt", weights_only=False), directory
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_lora_student_trains_serves_merged_weights_and_checkpoints_its_adapters(stage, tiny_student, tmp_path):
+def test_zero3_with_checkpointing_trains_the_adapters_as_zero2_does(runs):
+    (two, _), (three, _) = runs[2], runs[3]
+    for name in two["trainable"]:
+        torch.testing.assert_close(three["after"][name], two["after"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", sorted(CASES))
+def test_a_lora_student_trains_serves_merged_weights_and_checkpoints_its_adapters(stage, tiny_student, runs):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    result = _run(tiny_student, stage, tmp_path)
+    result, tmp_path = runs[stage]
     before, after = result["before"], result["after"]
     assert result["trainable"] == sorted(n for n in before if ".lora_A." in n or ".lora_B." in n)
     assert len(result["trainable"]) == 2 * 3 * 2  # A and B of q_proj, v_proj, down_proj in 2 layers
-    assert not result["training_mode"], "the student stays in evaluation mode (a LoRA dropout would never run)"
+    # Out of training mode (no dropout at all) unless checkpointing puts it in (learner.lora.dropout is refused).
+    assert result["training_mode"] == CASES[stage]
     for name in before:  # only the adapters moved
         assert torch.equal(before[name], after[name]) != (name in result["trainable"]), name
 
@@ -197,3 +213,14 @@ def test_a_lora_student_trains_serves_merged_weights_and_checkpoints_its_adapter
                                              str(adapter_dir)).named_parameters():
         key = name.removeprefix("base_model.model.")
         assert torch.equal(p.detach(), exported[key]), key
+
+
+def test_a_run_whose_target_modules_match_nothing_stops_before_any_pool_starts(tmp_path):
+    from driver_fakes import make_trainer, train_config, write_data
+
+    cfg = train_config(tmp_path / "run", write_data(tmp_path), "learner.lora.enabled=true",
+                       "learner.lora.target_modules=[q_proj,attn_out]", "learner.lr=1e-3")
+    assert cfg.learner.lora.target_modules == ["q_proj", "attn_out"]
+    with pytest.raises(ValueError, match=r"learner.lora.target_modules: 'attn_out' matches no module.*'o_proj'"):
+        make_trainer(cfg)
+    assert not (tmp_path / "run").exists()

@@ -198,14 +198,10 @@ class LearnerConfig:
              "gives wrong gradients with several micro-batch graphs held at once); set learner.single_forward=false, "
              "or null (auto: one pass under ZeRO-1/2, two under ZeRO-3)"),
             (not (lora.enabled and lora.dropout > 0),
-             f"learner.lora.dropout={lora.dropout} cannot be used: the student runs without dropout (evaluation "
-             "mode) unless gradient checkpointing puts it in training mode, and then the statistics pass and the "
-             "gradient pass draw different dropout masks, so tokens would be selected on one forward and trained "
-             "on another; set learner.lora.dropout=0"),
-            (not (lora.enabled and self.gradient_checkpointing and self.zero_stage == 3),
-             "learner.lora.enabled=true with learner.gradient_checkpointing=true cannot run under "
-             "learner.zero_stage=3: non-reentrant checkpointing recomputes a frozen ZeRO-3 parameter (the LoRA "
-             "base) at size 0; use learner.zero_stage=1 or 2, or turn gradient_checkpointing off"),
+             f"learner.lora.dropout={lora.dropout} cannot be used: the student runs in evaluation mode (no dropout "
+             "at all) unless learner.gradient_checkpointing puts it in training mode, and there the statistics pass "
+             "and the gradient pass draw different dropout masks (tokens selected on one forward, trained on "
+             "another) and held-out evaluation is noisy; set learner.lora.dropout=0"),
         )
         raise_first_failure(checks)
 
