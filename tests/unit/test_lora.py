@@ -74,6 +74,15 @@ def _batch() -> TrainBatch:
     return TrainBatch(ids, torch.ones_like(ids), mask, teacher)
 
 
+def _receive(plan, port: int, path: str) -> None:
+    """A weight-group member (rank 1 of 2, gloo): what the learner broadcasts, saved at ``path``."""
+    from tip_ray.sync.process_group import WeightGroup
+
+    group = WeightGroup(plan, 1, 2, "gloo", timeout_s=60, host="127.0.0.1", port=port)
+    torch.save({name: tensor.clone() for name, tensor in group.receive()}, path)
+    group.close()
+
+
 def _lora_rank(rank: int, port: int, model: str, stage: int, checkpointing: bool, out: str) -> None:
     """One learner rank: two steps, then the served weights, a save/step/load/step round trip and
     an export; what it saw goes to ``out/result.pt``."""
@@ -102,6 +111,17 @@ def _lora_rank(rank: int, port: int, model: str, stage: int, checkpointing: bool
     result["after"] = params()
     result["served"] = worker.export_weights()
     result["metadata"] = worker.weight_metadata()
+    # The collective sync: the bucketed broadcast a vLLM worker receives, here to a plain member.
+    from tip_ray.sync.buckets import plan_buckets
+
+    plan = plan_buckets(result["metadata"], 8192)
+    port, backend = worker.host_weight_group("127.0.0.1", "gloo", 60)
+    receiver = mp.get_context("spawn").Process(target=_receive, args=(plan, port, f"{out}/received.pt"))
+    receiver.start()
+    worker.join_weight_group(plan, 2, backend, 60)
+    result["buckets"], result["sent"] = len(plan), worker.broadcast_weights()
+    receiver.join(120)
+    worker.close_weight_group()
     worker.save_state(f"{out}/state")
     worker.train_step(batch)
     result["after_save_step"] = params()
@@ -184,6 +204,10 @@ def test_a_lora_student_trains_serves_merged_weights_and_checkpoints_its_adapter
         if a is not None:
             assert not torch.equal(served[name], w0), f"{name}: B is still 0 after two steps"
     assert merged == 6
+    received = torch.load(tmp_path / "received.pt")
+    assert result["buckets"] > 2 and list(received) == list(served)
+    for name, tensor in served.items():
+        assert torch.equal(received[name], tensor), name
 
     # The checkpoint holds the adapters, not the frozen base; loading it restores the state exactly.
     files = [torch.load(f, weights_only=False) for f in (tmp_path / "state" / "deepspeed").glob("*.pt")]
