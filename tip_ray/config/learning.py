@@ -85,7 +85,8 @@ class LoraConfig:
     """LoRA adapters on the student (peft): the learner trains only the adapters, the base stays frozen.
 
     ``r``/``alpha`` are the adapters' rank and scale (update ``alpha / r * B @ A``); ``dropout``
-    is peft's dropout on the adapters' input; ``target_modules`` is ``all-linear`` (every linear
+    is peft's dropout on the adapters' input, refused above 0 while LoRA is on (``LearnerConfig``:
+    the student runs without dropout, and two passes would draw two masks); ``target_modules`` is ``all-linear`` (every linear
     layer of the decoder, the lm_head excluded) or a list of module names (``q_proj``, or a
     dotted suffix of a module's full name), each of which must match a linear layer of the
     decoder (checked against the student at start-up). The rollout engines are served the
