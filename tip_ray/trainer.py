@@ -158,6 +158,7 @@ class Trainer:
         from tip_ray.config import teacher_configs, with_student_vocab
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
         from tip_ray.data.routing import Router
+        from tip_ray.learner.lora import check_student_targets
         from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.runtime.ray_runtime import RuntimeHooks
         from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
@@ -168,6 +169,7 @@ class Trainer:
         cfg = with_engine_sizes(cfg)  # null engine sizes become the step's sequences per actor
         self.cfg = cfg
         require_checkpoint(cfg.student, "student")
+        check_student_targets(cfg.learner)  # learner.lora's target modules, against the student's layers
         self.tokenizer = load_tokenizer(cfg.student, "student")
         self.student_vocab, teacher_rows = _check_teachers(cfg, self.tokenizer)
         self.teacher_names = list(teacher_configs(cfg))

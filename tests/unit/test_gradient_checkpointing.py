@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tip_ray.config import LearnerConfig
-from tip_ray.learner.worker import build_student
+from tip_ray.learner.student import build_student
 from tip_ray.tip import TeacherSignal
 from tip_ray.tip.lean import kept_token_loss
 

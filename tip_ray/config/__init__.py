@@ -41,6 +41,7 @@ from tip_ray.config.learning import (
     SELECTION_SCOPES,
     ZERO_STAGES,
     LearnerConfig,
+    LoraConfig,
     LossConfig,
     SelectionConfig,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "LossConfig",
     "LearnerConfig",
     "RewardConfig",
+    "LoraConfig",
     "TEACHER_BACKENDS",
     "VALUE_DTYPES",
     "MODEL_DTYPES",

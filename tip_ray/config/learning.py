@@ -80,6 +80,52 @@ class LossConfig:
             raise ValueError(f"loss: {exc}") from None
 
 
+LORA_ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the student (peft): the learner trains only the adapters, the base stays frozen.
+
+    ``r``/``alpha`` are the adapters' rank and scale (update ``alpha / r * B @ A``); ``dropout``
+    is peft's dropout on the adapters' input, refused above 0 while LoRA is on (``LearnerConfig``:
+    the student runs without dropout, and two passes would draw two masks); ``target_modules`` is ``all-linear`` (every linear
+    layer of the decoder, the lm_head excluded) or a list of module names (``q_proj``, or a
+    dotted suffix of a module's full name), each of which must match a linear layer of the
+    decoder (checked against the student at start-up). The rollout engines are served the
+    merged weights ``W0 + alpha / r * B @ A`` under the base model's names; checkpoints hold the
+    adapters (and their optimizer state), not the frozen base. ``export_merged``: the Hugging
+    Face export writes the merged full model (loadable by ``AutoModelForCausalLM`` and vLLM, as
+    without LoRA) beside the adapter in ``adapter/``; false writes the adapter only.
+    """
+
+    enabled: bool = identity(False)
+    r: int = identity(16)
+    alpha: float = identity(32.0)
+    dropout: float = identity(0.0)
+    target_modules: Any = identity(LORA_ALL_LINEAR)
+    export_merged: bool = True
+
+    def __post_init__(self) -> None:
+        targets = self.target_modules
+        targets_ok = targets == LORA_ALL_LINEAR or (
+            isinstance(targets, (list, tuple)) and len(targets) > 0
+            and all(isinstance(t, str) and t and t != LORA_ALL_LINEAR for t in targets))
+        checks = (
+            (isinstance(self.r, int) and self.r >= 1, f"learner.lora.r must be an integer >= 1, got {self.r!r}"),
+            (self.alpha > 0, f"learner.lora.alpha must be > 0, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"learner.lora.dropout must be in [0, 1), got {self.dropout}"),
+            (targets_ok, f"learner.lora.target_modules must be {LORA_ALL_LINEAR!r} or a non-empty list of module "
+                         f"names (e.g. [q_proj, v_proj]), got {targets!r}"),
+        )
+        raise_first_failure(checks)
+
+    @property
+    def scale(self) -> float:
+        """The factor of the adapter's product in the merged weight: ``alpha / r``."""
+        return self.alpha / self.r
+
+
 @dataclass
 class LearnerConfig:
     """The DeepSpeed ZeRO learner group.
@@ -127,8 +173,10 @@ class LearnerConfig:
     seed: int = identity(0)
     single_forward: bool | None = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = identity(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        lora = self.lora
         checks = (
             (self.zero_stage in ZERO_STAGES, f"learner.zero_stage must be one of {ZERO_STAGES}, got {self.zero_stage}"),
             (self.dtype in LEARNER_DTYPES, f"learner.dtype must be one of {LEARNER_DTYPES}, got {self.dtype!r}"),
@@ -153,6 +201,11 @@ class LearnerConfig:
              "learner.single_forward=true cannot run under learner.zero_stage=3 (ZeRO-3's parameter partitioning "
              "gives wrong gradients with several micro-batch graphs held at once); set learner.single_forward=false, "
              "or null (auto: one pass under ZeRO-1/2, two under ZeRO-3)"),
+            (not (lora.enabled and lora.dropout > 0),
+             f"learner.lora.dropout={lora.dropout} cannot be used: the student runs in evaluation mode (no dropout "
+             "at all) unless learner.gradient_checkpointing puts it in training mode, and there the statistics pass "
+             "and the gradient pass draw different dropout masks (tokens selected on one forward, trained on "
+             "another) and held-out evaluation is noisy; set learner.lora.dropout=0"),
         )
         raise_first_failure(checks)
 

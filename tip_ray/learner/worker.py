@@ -13,7 +13,8 @@ One optimizer step::
                               and graph (``learner.single_forward``) or runs the backbone again.
     optim_step()              clip, step, schedule
     train_step(batch)         both, in one call (what the Ray actor runs each step)
-    export_weights()          the full student weights (gathered from ZeRO-3 shards)
+    export_weights()          the full student weights (gathered from ZeRO-3 shards; a LoRA
+                              student's merged with its adapters, under the base model's names)
     evaluate_tokens(batch)    held-out evaluation: per-token reverse KL of the current weights to
                               the teacher, no gradient, nothing selected, nothing stepped
 
@@ -41,6 +42,8 @@ import torch.distributed as dist
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.devices import to_device
 from tip_ray.learner import collectives
+from tip_ray.learner.lora import adapter_parameters, save_adapter, served_tensors
+from tip_ray.learner.student import build_student
 from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
 from tip_ray.tip.lean import kept_token_losses
 from tip_ray.tip.lean_stats import token_stats_from_hidden
@@ -104,53 +107,6 @@ class NonFiniteWeightsError(RuntimeError):
     """The learner's weights hold NaN or inf (they must not be saved or served)."""
 
 
-class _HiddenStates(torch.nn.Module):
-    """The causal LM seen by DeepSpeed: its forward stops at the final hidden states.
-
-    DeepSpeed's engine must run every forward (ZeRO-3 loses accumulated gradients when
-    submodules are called around it); the lm_head is applied by the lean loss instead.
-    """
-
-    def __init__(self, causal_lm: torch.nn.Module) -> None:
-        super().__init__()
-        self.lm = causal_lm
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [B, L, H] of ``input_ids``/``attention_mask`` [B, L] (on the model's
-        device); no KV cache is built (training never reuses one)."""
-        return self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state
-
-
-def build_student(learner: LearnerConfig) -> _HiddenStates:
-    """The student as DeepSpeed will wrap it: ``learner.model`` loaded in ``learner.dtype`` on the
-    CPU (DeepSpeed moves or partitions it), with transformers' non-reentrant gradient
-    checkpointing on every decoder layer when ``learner.gradient_checkpointing``.
-
-    Checkpointing is enabled on the causal LM before DeepSpeed wraps it, so ZeRO-3's parameter
-    hooks run (and gather) again during the recompute; every student parameter is trainable,
-    which non-reentrant checkpointing under ZeRO-3 needs (a frozen, partitioned parameter
-    would be recomputed at size 0). transformers checkpoints only in training mode, so the model
-    is put in it then; otherwise it stays in evaluation mode, as loaded. A student with dropout is
-    refused with checkpointing: the statistics pass and the gradient pass would see different
-    dropout masks, so tokens would be selected on one forward and trained on another.
-    """
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch.bfloat16 if learner.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(learner.model, dtype=dtype)
-    if learner.gradient_checkpointing:
-        dropouts = {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
-        dropouts.update({key: value for key, value in model.config.to_dict().items()
-                         if ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0})
-        if dropouts:
-            raise ValueError(f"learner.gradient_checkpointing needs a student without dropout, but {learner.model} has "
-                             f"{dropouts}; set those to 0 in its config.json or turn gradient_checkpointing off")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-    return _HiddenStates(model)
-
-
 class LearnerWorker:
     """One rank of the learner group (see the module docstring)."""
 
@@ -194,6 +150,9 @@ class LearnerWorker:
                                                config=ds_config)
         self.device = torch.device(self.engine.device)
         self.steps = 0
+        self.lora = learner.lora.enabled
+        # What the rollout engines load, in order (a LoRA student's base weights merged as sent).
+        self._served = served_tensors(self.engine.module.lm)
 
     def _lr_factor(self, step: int) -> float:
         cfg = self.cfg
@@ -511,8 +470,9 @@ class LearnerWorker:
 
         if not self.weights_finite():
             raise NonFiniteWeightsError(f"the learner's weights hold NaN/inf at step {self.steps}: not saving them")
+        # A LoRA student's frozen base is learner.model itself: the checkpoint holds the adapters.
         self.engine.save_checkpoint(directory, tag="deepspeed", client_state={"learner_steps": self.steps},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=self.lora)
         save_file({"torch": torch.get_rng_state()}, f"{directory}/rng_rank{dist.get_rank()}.safetensors")
         collectives.barrier()
 
@@ -520,8 +480,9 @@ class LearnerWorker:
         """Restore what ``save_state`` wrote (same world size and ZeRO stage); returns the step count."""
         from safetensors.torch import load_file
 
+        # A LoRA checkpoint lacks the frozen base (kept as loaded from learner.model): not strict.
         path, client = self.engine.load_checkpoint(directory, tag="deepspeed", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True, load_module_strict=not self.lora)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {directory}")
         self.steps = int(client["learner_steps"])
@@ -530,29 +491,37 @@ class LearnerWorker:
 
     def export_hf(self, directory: str) -> None:
         """Write the student as a Hugging Face checkpoint (safetensors + config) to ``directory``;
-        every rank calls it (ZeRO-3 gathers), rank 0 writes."""
+        every rank calls it (ZeRO-3 gathers), rank 0 writes. A LoRA student writes its adapter in
+        peft's format to ``directory/adapter`` and, with ``learner.lora.export_merged``, the merged
+        model to ``directory``."""
         if not self.weights_finite():
             raise NonFiniteWeightsError(f"the learner's weights hold NaN/inf at step {self.steps}: not exporting")
-        weights = self.export_weights()
-        if dist.get_rank() == 0:
+        if self.lora:
+            adapter = adapter_parameters(self.engine.module.lm)
+            with self._gathered(list(adapter.values())):
+                tensors = {n: p.detach().cpu().clone() for n, p in adapter.items()} if dist.get_rank() == 0 else {}
+            if dist.get_rank() == 0:
+                save_adapter(self.engine.module.peft_model, f"{directory}/adapter", tensors)
+        weights = self.export_weights() if not self.lora or self.cfg.lora.export_merged else {}
+        if dist.get_rank() == 0 and weights:
             self.engine.module.lm.save_pretrained(directory, state_dict=weights, safe_serialization=True)
         collectives.barrier()
 
     @torch.no_grad()
     def export_weights(self, all_ranks: bool = False) -> dict[str, torch.Tensor]:
         """The full student state dict on CPU, Hugging Face names; every rank must call it
-        (ZeRO-3 gathers the shards collectively). Empty on ranks other than 0 unless ``all_ranks``."""
+        (ZeRO-3 gathers the shards collectively). Empty on ranks other than 0 unless ``all_ranks``.
+        A LoRA student's: the served tensors (``tip_ray.learner.lora.served_tensors``: base weights
+        merged with their adapters, under the base model's names)."""
         module = self.engine.module.lm
         keep = all_ranks or dist.get_rank() == 0
-        if self.cfg.zero_stage != 3:
+        if self.cfg.zero_stage != 3 and not self.lora:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if keep else {}
-        import deepspeed
-
         out = {}
-        for name, param in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        for tensor in self._served:
+            with self._gathered(tensor.params):
                 if keep:
-                    out[name] = param.detach().cpu().clone()
+                    out[tensor.name] = tensor.value().cpu().clone()
         return out
 
     # Collective weight sync (tip_ray.sync.transports): rank 0 sends, every rank joins the ZeRO-3 gathers.
@@ -560,8 +529,7 @@ class LearnerWorker:
     def weight_metadata(self) -> list[TensorMeta]:
         """Name (Hugging Face), full shape and dtype of every parameter, in the order
         ``broadcast_weights`` sends them."""
-        return [TensorMeta(name, tuple(getattr(p, "ds_shape", p.shape)), dtype_name(p.dtype))
-                for name, p in self.engine.module.lm.named_parameters()]
+        return [TensorMeta(t.name, t.shape, dtype_name(t.param.dtype)) for t in self._served]
 
     def host_weight_group(self, host: str, backend: str, timeout_s: float) -> tuple[int, str]:
         """Rank 0: host the weight group's store at ``host``; returns (port, backend), ``auto``
@@ -596,13 +564,13 @@ class LearnerWorker:
         if plan is None:
             raise RuntimeError("join_weight_group must run before broadcast_weights")
         group = getattr(self, "_weight_group", None)
-        params = dict(self.engine.module.lm.named_parameters())
+        served = {t.name: t for t in self._served}
         sent = 0
         for bucket in plan:
-            tensors = {name: params[name] for name in bucket.names}
-            with self._gathered(list(tensors.values())):
+            tensors = [served[name] for name in bucket.names]
+            with self._gathered([p for t in tensors for p in t.params]):
                 if group is not None:
-                    sent += group.send_bucket(bucket, {n: p.detach() for n, p in tensors.items()})
+                    sent += group.send_bucket(bucket, {t.name: t.value() for t in tensors})
         return sent
 
     def _gathered(self, params: list[torch.nn.Parameter]):
