@@ -27,8 +27,26 @@ class WeightUpdateExtension:
         ``model.load_weights`` after start-up would skip.
         """
         counter = [0]
-        self.reload_weights(weights_iterator=_counted(named_tensors, counter))  # type: ignore[attr-defined]
+        try:
+            self.reload_weights(weights_iterator=_counted(named_tensors, counter))  # type: ignore[attr-defined]
+        except BaseException:
+            self._tip_ray_end_broken_reload()
+            raise
         return counter[0]
+
+    def _tip_ray_end_broken_reload(self) -> None:
+        """Close the layer-wise reload that an exception cut short (a broadcast that broke
+        part-way): vLLM leaves the layers that had not received all their tensors on the meta
+        device with wrapped loaders, and the next reload fails on them. Finishing it puts back
+        the old weights of the layers that received nothing and processes the others with what
+        arrived, so a later full reload starts clean; until then the weights are a mix that
+        must not be served (``tip_ray.rollout.worker`` refuses to generate with them)."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        runner = self.model_runner  # type: ignore[attr-defined]
+        with set_current_vllm_config(self.vllm_config):  # type: ignore[attr-defined]
+            finalize_layerwise_reload(runner.get_model(), self.vllm_config.model_config)  # type: ignore[attr-defined]
 
     def tip_ray_load_weights(self, named_tensors: list[tuple[str, object]]) -> int:
         """Reload a full list of Hugging Face-named tensors in place; returns the count."""

@@ -6,6 +6,9 @@ the weight version that produced it, so the driver can bound and log staleness.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from tip_ray.config import RolloutConfig
@@ -35,6 +38,7 @@ class RolloutWorker:
             self.engine = HFGenerator(causal_lm, AutoTokenizer.from_pretrained(model))
         self._calls = 0
         self._seed = seed
+        self._torn_load: int | None = None  # the version whose load failed part-way, until a load succeeds
 
     @property
     def weight_version(self) -> int:
@@ -51,6 +55,10 @@ class RolloutWorker:
         depend on how the prompts were sharded over actors. None: a call seed from the worker's
         seed and call count (vLLM seeds every prompt with it; the hf engine derives one per place).
         """
+        if self._torn_load is not None:
+            raise RuntimeError(f"rollout worker {self.worker_index}: loading weight version {self._torn_load} failed "
+                               f"part-way, so its weights are a mix of versions {self._version} and "
+                               f"{self._torn_load}; it generates again after a complete weight load")
         self._calls += 1
         if seeds is not None and len(seeds) != len(prompt_ids):
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts; give one seed per prompt")
@@ -65,8 +73,19 @@ class RolloutWorker:
         """Serve ``named_tensors`` (full weights, Hugging Face names) as policy ``version``."""
         if version <= self._version:
             raise ValueError(f"weight version {version} is not newer than the served version {self._version}")
-        self.engine.update_weights(named_tensors)
+        with self._loading(version):
+            self.engine.update_weights(named_tensors)
         self._version = version
+
+    @contextlib.contextmanager
+    def _loading(self, version: int) -> Iterator[None]:
+        """Around a weight load: one that raises leaves the weights torn until a load succeeds."""
+        try:
+            yield
+        except BaseException:
+            self._torn_load = version
+            raise
+        self._torn_load = None
 
     # Collective weight sync (tip_ray.sync.transports).
 
@@ -91,10 +110,11 @@ class RolloutWorker:
         A version that is not newer is refused (``ValueError``) after draining the broadcast, so
         the group stays in step for the next sync.
         """
-        newer = version > self._version
-        self.engine.receive_weights(load=newer)
-        if not newer:
+        if version <= self._version:
+            self.engine.receive_weights(load=False)
             raise ValueError(f"weight version {version} is not newer than the served version {self._version}")
+        with self._loading(version):
+            self.engine.receive_weights(load=True)
         self._version = version
 
     def close_weight_group(self) -> None:
