@@ -138,7 +138,7 @@ def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str,
     if cfg.teacher.top_k is None and len(set(rows.values())) > 1:
         raise ValueError(f"teacher.top_k is null (each teacher sends its whole vocabulary), but the teachers' "
                          f"vocabularies, cut to the student's, differ: {rows}; the learner's signal has one K: set "
-                         "teacher.top_k and teachers.<name>.top_k to one number")
+                         "teacher.top_k and teachers.<name>.top_k to numbers (they may differ)")
     top_ks = {_teacher_key(name): t.top_k for name, t in teacher_configs(cfg).items()}
     if len(set(top_ks.values())) > 1 and max(top_ks.values()) >= student:
         raise ValueError(f"the teachers' top_k differ ({top_ks}) and the largest is the student's whole vocabulary "
