@@ -123,7 +123,8 @@ def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str,
     vocabulary), before any actor starts; returns the student's vocabulary rows and the rows
     each teacher scores, by name (its vocabulary cut to the student's). With ``top_k`` null each
     teacher sends its whole (cut) vocabulary, which must then be one size: the learner's signal
-    has one K."""
+    has one K. Numeric top-Ks may differ (smaller ones are padded) unless the largest is the
+    student's whole vocabulary, which the learner reads as the full distribution."""
     from tip_ray.config import teacher_configs
     from tip_ray.state.preflight import check_same_vocabulary, load_tokenizer, require_checkpoint
 
@@ -137,7 +138,12 @@ def _check_teachers(cfg: TrainConfig, student_tokenizer) -> tuple[int, dict[str,
     if cfg.teacher.top_k is None and len(set(rows.values())) > 1:
         raise ValueError(f"teacher.top_k is null (each teacher sends its whole vocabulary), but the teachers' "
                          f"vocabularies, cut to the student's, differ: {rows}; the learner's signal has one K: set "
-                         "teacher.top_k and teachers.<name>.top_k to one number")
+                         "teacher.top_k and teachers.<name>.top_k to numbers (they may differ)")
+    top_ks = {_teacher_key(name): t.top_k for name, t in teacher_configs(cfg).items()}
+    if len(set(top_ks.values())) > 1 and max(top_ks.values()) >= student:
+        raise ValueError(f"the teachers' top_k differ ({top_ks}) and the largest is the student's whole vocabulary "
+                         f"({student} ids): that signal is read as the full distribution, which cannot hold a "
+                         "smaller teacher's padded rows; lower it below the vocabulary or give every teacher null")
     return student, rows
 
 

@@ -26,7 +26,7 @@ BASE, WARMUP, TOTAL, FLOOR = 1e-3, 3, 8, 0.1
 def lines(data, tmp_path_factory):
     """The metrics lines of one 8-step run (DeepSpeed keeps process-wide state: one engine per
     process): a cosine schedule with warm-up, selection per micro-batch, and two teachers routed
-    by the problem's family (the per-teacher statistics)."""
+    by the problem's family (the per-teacher statistics), each with its own top-K (8 and 4)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -40,7 +40,7 @@ def lines(data, tmp_path_factory):
                        f"learner.lr={BASE}", f"learner.warmup_steps={WARMUP}", f"learner.total_steps={TOTAL}",
                        "learner.lr_schedule=cosine", f"learner.min_lr_ratio={FLOOR}", "selection.rule=soft_or",
                        "selection.ratio=0.3", "selection.scope=micro_batch",
-                       f"+teachers.weak.model={ASSETS / 'student'}", "routing.field=family",
+                       f"+teachers.weak.model={ASSETS / 'student'}", "+teachers.weak.top_k=4", "routing.field=family",
                        "+routing.map.add=default", "+routing.map.mul=weak")
     trainer, _ = make_trainer(cfg, real_learner=True)
     try:
@@ -76,6 +76,7 @@ def test_per_teacher_statistics_split_the_steps_statistics_exactly(lines):
     names = ("default", "weak")
     assert sum(line["teacher/weak/sequences"] for line in lines) > 0
     for line in lines:
+        assert line["skipped"] == 0  # the weak teacher's absent slots (top-K 4 in a K = 8 signal) are no NaN/inf
         routed = [n for n in names if line[f"teacher/{n}/sequences"]]
         assert sum(line[f"teacher/{n}/sequences"] for n in names) == 8
         assert sum(line[f"teacher/{n}/valid_tokens"] for n in routed) == line["valid_tokens"]

@@ -48,7 +48,8 @@ def test_extra_teachers_take_the_default_teachers_keys_they_do_not_set():
     ((f"+teachers.weak.model={STUDENT}",), "no prompt is routed to them"),
     (("routing.field=family", "+routing.map.mul=strong"), "routing names teachers ['strong']"),
     (("+routing.weights.strong=1",), "routing names teachers ['strong']"),
-    ((f"+teachers.weak.model={STUDENT}", "+teachers.weak.top_k=4", "routing.field=f"), "teachers.weak.top_k = 4"),
+    ((f"+teachers.weak.model={STUDENT}", "+teachers.weak.top_k=4", "routing.field=f"),
+     "teachers.weak.top_k = 4 and teacher.top_k = None: a null top_k"),
     ((f"+teachers.weak.model={STUDENT}", "+teachers.weak.values_dtype=bf16", "routing.field=f"),
      "teachers.weak.values_dtype"),
     (("+teachers.weak.num_workers=2", "routing.field=f"), "teachers.weak.model must be set"),
@@ -137,11 +138,21 @@ def _signal(rows: int, positions: int, k: int, fill: float) -> TeacherSignal:
     return TeacherSignal(ids, torch.full((rows, positions, k), fill), torch.full((rows, positions), fill))
 
 
-def test_signals_join_back_in_batch_order_and_a_different_k_is_refused():
+def test_teachers_may_have_their_own_top_k():
+    cfg = compose("teacher.top_k=16", f"+teachers.weak.model={STUDENT}", "+teachers.weak.top_k=4",
+                  "routing.field=family")
+    assert (cfg.teachers["weak"].top_k, cfg.teacher.top_k) == (4, 16)
+
+
+def test_signals_join_back_in_batch_order_and_a_smaller_k_is_padded_with_absent_slots():
     joined = join_by_rows([("a", [1, 3], _signal(2, 5, 4, -1.0)), ("b", [0, 2], _signal(2, 5, 4, -2.0))], 4)
     assert joined.sampled_logprobs[:, 0].tolist() == [-2.0, -1.0, -2.0, -1.0] and joined.k == 4
-    with pytest.raises(ValueError, match="every teacher must send the same K"):
-        join_by_rows([("a", [0], _signal(1, 5, 4, -1.0)), ("b", [1], _signal(1, 5, 3, -1.0))], 2)
+    mixed = join_by_rows([("a", [0], _signal(1, 5, 4, -1.0)), ("b", [1], _signal(1, 5, 3, -1.0))], 2)
+    assert mixed.k == 4 and mixed.topk_ids[1, 0].tolist() == [0, 1, 2, 0]
+    assert mixed.topk_logprobs[1, 0].tolist() == [-1.0, -1.0, -1.0, float("-inf")]
+    assert mixed.absent_slots()[:, 0].tolist() == [[False] * 4, [False, False, False, True]]
+    with pytest.raises(ValueError, match="every teacher must score the same positions"):
+        join_by_rows([("a", [0], _signal(1, 5, 4, -1.0)), ("b", [1], _signal(1, 4, 4, -1.0))], 2)
     with pytest.raises(ValueError, match="exactly once"):
         join_by_rows([("a", [0], _signal(1, 5, 4, -1.0))], 2)
 
@@ -209,6 +220,9 @@ def test_the_trainer_checks_every_teacher_and_every_row_before_any_pool_starts(t
     routes = ("routing.field=family", "+routing.map.add=default", "+routing.map.mul=weak")
     with pytest.raises(CheckpointError, match="teachers.weak checkpoint"):
         make_trainer(train_config(tmp_path / "a", data, f"+teachers.weak.model={tmp_path / 'none'}", *routes))
+    with pytest.raises(ValueError, match="the largest is the student's whole vocabulary"):
+        make_trainer(train_config(tmp_path / "c", data, f"+teachers.weak.model={STUDENT}", "+teachers.weak.top_k=128",
+                                  *routes))
     with pytest.raises(DataError, match=r"train.jsonl: row \d+ has routing.field 'family' = 'mul'"):
         make_trainer(train_config(tmp_path / "b", data, f"+teachers.weak.model={STUDENT}", "routing.field=family",
                                   "+routing.map.add=weak"))

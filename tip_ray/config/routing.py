@@ -118,9 +118,10 @@ def check_teachers(cfg: TrainConfig) -> None:
     """The checks across ``teacher``, ``teachers``, ``routing`` and ``cluster.teachers`` (each
     ``ValueError`` names its keys): names are usable (``default`` is ``teacher``'s), every route
     names a configured teacher, extra teachers are routed to, placements name teachers, and the
-    teachers send signals the learner can join: one top-K and one values dtype (the learner's
-    signal is one [B, L-1, K] tensor; a null top-K, the whole vocabulary, is compared once the
-    vocabularies are read, in ``tip_ray.trainer``)."""
+    teachers send signals the learner can join: one values dtype, and top-Ks that are all
+    numbers or all null (the whole vocabulary, compared once the vocabularies are read, in
+    ``tip_ray.trainer``). Numbers may differ: a smaller top-K is padded by absent slots
+    (``TeacherSignal.padded_to``) and each sequence reads its own teacher's K."""
     names = teacher_configs(cfg)
     routing = cfg.routing
     bad_names = [n for n in cfg.teachers if n == DEFAULT_TEACHER or not _NAME.match(n)]
@@ -137,8 +138,10 @@ def check_teachers(cfg: TrainConfig) -> None:
          "field naming each prompt's teacher) or routing.weights"),
         (not unknown_places, f"cluster.teachers places {unknown_places}, which are not keys of teachers "
                              f"({list(cfg.teachers)})"),
-        *((t.top_k == k, f"teachers.{n}.top_k = {t.top_k} differs from teacher.top_k = {k}: the learner's signal has "
-                         "one K for every sequence; give every teacher the same top_k") for n, t in cfg.teachers.items()),
+        *(((t.top_k is None) == (k is None),
+           f"teachers.{n}.top_k = {t.top_k} and teacher.top_k = {k}: a null top_k (the teacher's whole distribution, "
+           "exact divergences) cannot be mixed with a top-K teacher in one signal; give every teacher a number, or "
+           "every teacher null") for n, t in cfg.teachers.items()),
         *((t.values_dtype == dtype, f"teachers.{n}.values_dtype = {t.values_dtype} differs from teacher.values_dtype "
                                     f"= {dtype}; give every teacher the same values_dtype")
           for n, t in cfg.teachers.items()),

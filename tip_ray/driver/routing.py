@@ -3,8 +3,9 @@
 A prompt's teacher is fixed when the prompts are loaded (``PromptExample.route``,
 ``tip_ray.data.routing``); every sample of the prompt goes to it. ``score_routed`` sends each
 teacher its rows (all teacher pools launched first, then collected: they score at once) and
-joins their signals back into one [B, L-1, K] in batch order, so selection reads each
-sequence's own teacher's signal unchanged. ``RoutedTeachers`` does the same for the teachers'
+joins their signals back into one [B, L-1, K] in batch order, K the largest teacher's top-K
+(a teacher with fewer fills the rest with absent slots, ``TeacherSignal.padded_to``), so
+selection and the loss read each sequence's own teacher's signal unchanged. ``RoutedTeachers`` does the same for the teachers'
 own generations (their accuracy on the held-out prompts), ``teacher_metrics`` names the
 learner's per-teacher metrics ``teacher/<name>/...`` and ``RoutedHeldOut`` splits an
 evaluation's metrics by teacher (``eval/teacher/<name>/...``).
@@ -39,29 +40,31 @@ def route_rows(routes: Sequence[str], names: Sequence[str]) -> dict[str, list[in
 
 def join_by_rows(parts: Sequence[tuple[str, Sequence[int], TeacherSignal]], total: int) -> TeacherSignal:
     """The teachers' signals as one [total, T, K] in batch order: part ``(name, rows, signal)``
-    holds rows ``rows`` as ``signal`` [len(rows), T, K]; every row of ``range(total)`` must come
-    from exactly one part, and every part must have the same T, K and dtypes (``ValueError``
-    naming the teachers otherwise: the learner's signal has one K)."""
+    holds rows ``rows`` as ``signal`` [len(rows), T, K_i]; K is the largest K_i, a part with fewer
+    padded by absent slots (``TeacherSignal.padded_to``: each row still reads as its own K_i
+    signal). Every row of ``range(total)`` must come from exactly one part, and every part must
+    have the same T and dtypes (``ValueError`` naming the teachers otherwise)."""
     if not parts:
         raise ValueError("no teacher signals to join")
     covered = sorted(i for _, rows, _ in parts for i in rows)
     if covered != list(range(total)):
         raise ValueError(f"the teachers' rows {covered} do not cover each of range({total}) exactly once")
     first_name, _, first = parts[0]
-    shape = tuple(first.topk_ids.shape[1:])
+    shape = (int(first.topk_ids.shape[1]), max(signal.k for _, _, signal in parts))
     kinds = (first.topk_ids.dtype, first.topk_logprobs.dtype, first.sampled_logprobs.dtype)
     ids = torch.empty((total, *shape), dtype=kinds[0])
     logprobs = torch.empty((total, *shape), dtype=kinds[1])
     sampled = torch.empty((total, shape[0]), dtype=kinds[2])
     for name, rows, signal in parts:
-        if tuple(signal.topk_ids.shape) != (len(rows), *shape):
+        if tuple(signal.topk_ids.shape[:2]) != (len(rows), shape[0]):
             raise ValueError(f"teacher {name!r} sent a signal of shape {tuple(signal.topk_ids.shape)} for {len(rows)} "
-                             f"rows; teacher {first_name!r} sent [rows, T, K] = [.., {shape[0]}, {shape[1]}]: every "
-                             "teacher must send the same K (teacher.top_k, teachers.<name>.top_k)")
+                             f"rows; teacher {first_name!r} sent [rows, T, K] = [.., {shape[0]}, {first.k}]: every "
+                             "teacher must score the same positions")
         if (signal.topk_ids.dtype, signal.topk_logprobs.dtype, signal.sampled_logprobs.dtype) != kinds:
             raise ValueError(f"teacher {name!r} sent values of another dtype than teacher {first_name!r}: give every "
                              "teacher the same values_dtype")
         index = torch.as_tensor(list(rows), dtype=torch.long)
+        signal = signal.padded_to(shape[1])
         ids[index] = signal.topk_ids
         logprobs[index] = signal.topk_logprobs
         sampled[index] = signal.sampled_logprobs

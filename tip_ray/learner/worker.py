@@ -217,8 +217,8 @@ class LearnerWorker:
             hiddens.append(hidden if keep_graph else None)
             mask = mb.loss_mask
             with torch.no_grad():
-                finite = finite and all(bool(torch.isfinite(t[mask]).all())
-                                        for t in (hidden, mb.teacher.topk_logprobs, mb.teacher.sampled_logprobs))
+                # Absent slots (-inf: a teacher with a smaller top-K) are not NaN/inf values.
+                finite = finite and bool(torch.isfinite(hidden[mask]).all()) and mb.teacher.finite_at(mask)
                 # Every rank enters the gather for every micro-batch (under ZeRO-3 it is a collective),
                 # whatever it then computes.
                 with self._lm_head() as (weight, bias):

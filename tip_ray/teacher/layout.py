@@ -59,7 +59,10 @@ def order_by_logprob(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.T
 def padding_logprob(vocab_size: int) -> float:
     """The log-prob of every entry at a padding position: -log V, so that the K listed ids and the
     tail bucket (the other V - K ids) form the uniform distribution over the vocabulary whatever
-    K is (the one rule for padding: every backend's and the teacher pool's joined shards)."""
+    K is (the one rule for padding: every backend's and the teacher pool's joined shards). A
+    signal joined with a larger teacher's (``tip_ray.driver.routing.join_by_rows``) keeps its
+    absent slots (-inf, ``TeacherSignal.padded_to``) at padding positions too: they are no
+    outcome, so the listed ids and the tail stay uniform."""
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     return -math.log(vocab_size)

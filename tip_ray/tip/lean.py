@@ -51,16 +51,10 @@ from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losse
 from tip_ray.tip.select import Direction, Scope, token_weights
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, validate_student_inputs, work_dtype
+from tip_ray.tip.support import first_occurrences
 
 __all__ = ["DEFAULT_LEAN_CHUNK_ROWS", "DEFAULT_LEAN_VOCAB_CHUNK", "HEAD_BLOCK_ROWS", "KeptTokenLosses",
            "LeanLossOutput", "kept_token_loss", "kept_token_losses", "lean_distill_loss", "token_stats_from_hidden"]
-
-
-def _first_occurrences(ids: torch.Tensor) -> torch.Tensor:
-    """bool [N, K]: True at the first slot of each distinct id of a row of ``ids`` [N, K]."""
-    ordered, order = ids.sort(dim=-1, stable=True)
-    repeat = torch.cat([torch.zeros_like(ordered[:, :1], dtype=torch.bool), ordered[:, 1:] == ordered[:, :-1]], -1)
-    return ~torch.zeros_like(repeat).scatter_(-1, order, repeat)
 
 
 def _with_policy_gradient(
@@ -112,7 +106,7 @@ def _bucketed_chunk_grad(
     gradient g_b is carried back to the logits by dx_b/dl_j = exp(l_j - x_b) for j in b: g_b itself for a single-id bucket, and
     g_tail exp(l_j - x_tail) for each tail id. The tail's terms are formed in place. The policy
     gradient term reads log p(y) = x_{b(y)} - log sum_b x_b over the buckets (a teacher id listed
-    twice counted once) and goes back to the logits the same way.
+    twice counted once, an absent slot not at all) and goes back to the logits the same way.
     """
     k = topk_ids.shape[-1]
     t_ids, ids = topk_ids.long(), response_ids.long().unsqueeze(-1)
@@ -123,7 +117,7 @@ def _bucketed_chunk_grad(
     tail_terms = logits.sub_(tail_max).exp_()  # exp(l_j - tail_max) for tail ids, 0 on the support
     tail_sum = tail_terms.sum(-1)
     buckets, sampled_place, topk_places = compact_buckets(read, tail_max.squeeze(-1) + tail_sum.log(),
-                                                          response_ids.long(), t_ids)
+                                                          response_ids.long(), t_ids, topk_logprobs)
     with torch.enable_grad():
         buckets = buckets.detach().requires_grad_(True)
         per_token = token_losses_for_rows(buckets, sampled_place, topk_places, topk_logprobs, sampled_logprobs,
@@ -131,7 +125,7 @@ def _bucketed_chunk_grad(
         chunk_loss = (per_token * weights.to(per_token.dtype)).sum()
         distinct = None
         if pg_coefs is not None:
-            distinct = torch.cat([_first_occurrences(t_ids), torch.ones_like(t_ids[:, :2], dtype=torch.bool)], -1)
+            distinct = torch.cat([first_occurrences(t_ids), torch.ones_like(t_ids[:, :2], dtype=torch.bool)], -1)
         objective, logp = _with_policy_gradient(chunk_loss, buckets, sampled_place, pg_coefs, distinct)
         (grad_buckets,) = torch.autograd.grad(objective, buckets)
     is_new = sampled_place == k

@@ -313,18 +313,21 @@ def _streamed_stats_for_rows(
 
 
 def compact_buckets(read: torch.Tensor, tail: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    topk_logprobs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A top-K row's support as a compact "vocabulary" of K + 2 entries, for ``aligned_distributions``
     and ``token_losses_for_rows``: the values at the K teacher ids, at the sampled id when it is not
     among them (else -inf), and one entry holding the whole tail. ``read`` [N, K + 1]: the values
     (logits or log-probs) at the teacher's ids then the sampled id; ``tail`` [N]: the tail's
-    (log-sum-exp) value. Returns (compact [N, K + 2], the sampled id's place [N], the teacher's
-    places [N, K]), on ``read``'s device."""
+    (log-sum-exp) value. With the teacher's ``topk_logprobs`` [N, K], its absent slots (-inf,
+    ``tip_ray.tip.signal``: they repeat an id already listed) hold -inf, so the row's compact
+    vocabulary is that of its own shorter signal. Returns (compact [N, K + 2], the sampled id's
+    place [N], the teacher's places [N, K]), on ``read``'s device."""
     n, k = topk_ids.shape
     hits = topk_ids == response_ids.unsqueeze(-1)
     is_new = ~hits.any(-1)
     neg_inf = read.new_full((), float("-inf"))
-    compact = torch.cat([read[:, :k], torch.where(is_new, read[:, k], neg_inf).unsqueeze(-1), tail.unsqueeze(-1)],
+    listed = read[:, :k] if topk_logprobs is None else read[:, :k].masked_fill(topk_logprobs == neg_inf, neg_inf)
+    compact = torch.cat([listed, torch.where(is_new, read[:, k], neg_inf).unsqueeze(-1), tail.unsqueeze(-1)],
                         dim=-1)
     return compact, torch.where(is_new, k, hits.int().argmax(-1)), torch.arange(k, device=topk_ids.device).expand(n, k)
 
@@ -341,5 +344,5 @@ def _aligned_from_parts(
     and the sampled id (``read_lp`` [N, K + 1]) and its log-mass outside them (``tail_log`` [N]):
     the same function defines the support, bucket and renormalisation, handed the compact
     vocabulary of ``compact_buckets``, whose tail is then exactly ``tail_log``."""
-    compact, sampled_place, topk_places = compact_buckets(read_lp, tail_log, response_ids, topk_ids)
+    compact, sampled_place, topk_places = compact_buckets(read_lp, tail_log, response_ids, topk_ids, topk_logprobs)
     return aligned_distributions(compact, sampled_place, topk_places, topk_logprobs, sampled_logprobs, False)

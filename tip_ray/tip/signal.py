@@ -3,6 +3,12 @@
 The teacher scores each response position t of a student rollout and sends, per position,
 the log-probabilities of its top-K tokens plus the log-probability of the token the student
 actually sampled (TIP_SPEC section 3). K equal to the vocabulary size is the exact `full` mode.
+
+Teachers with different top-K share one [B, T, K] signal (``padded_to``): a row scored with
+K_i < K tokens fills its last K - K_i slots with *absent* slots, which repeat the row's first id
+with log-prob -inf (``ABSENT_LOGPROB``). An absent slot is no outcome: every consumer
+(``tip_ray.tip.support``, the statistics, the losses) reads the row as its own K_i signal.
+Only top-K signals hold absent slots (K < V); a full-distribution signal never does.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import torch
 
 # A log-probability above this is not a log-probability (someone passed logits).
 _LOGPROB_SLACK = 1e-3
+# The log-prob of an absent slot (a row scored with fewer than K tokens).
+ABSENT_LOGPROB = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -21,7 +29,9 @@ class TeacherSignal:
 
     Shapes: ``topk_ids`` int [B, T, K], ``topk_logprobs`` float [B, T, K],
     ``sampled_logprobs`` float [B, T] (the teacher's log-prob of the student's sampled token).
-    Positions outside the response mask may hold anything finite; they are never read.
+    Positions outside the response mask may hold anything finite (absent slots aside); they are
+    never read. A slot j > 0 whose id repeats slot 0's and whose log-prob is -inf is absent (see
+    the module doc).
     """
 
     topk_ids: torch.Tensor
@@ -36,6 +46,32 @@ class TeacherSignal:
     def is_full(self, vocab_size: int) -> bool:
         """True when the signal carries the teacher's whole distribution (K == V)."""
         return self.k == vocab_size
+
+    def absent_slots(self) -> torch.Tensor:
+        """Bool [B, T, K], on the signal's device: True at the absent slots (j > 0, the id of slot
+        0, log-prob -inf) that pad a row scored with fewer than K tokens."""
+        absent = (self.topk_logprobs == ABSENT_LOGPROB) & (self.topk_ids == self.topk_ids[..., :1])
+        absent[..., 0] = False
+        return absent
+
+    def finite_at(self, mask: torch.Tensor) -> bool:
+        """Whether every log-prob at the positions where ``mask`` [B, T] is True is finite, absent
+        slots aside."""
+        lps = self.topk_logprobs.masked_fill(self.absent_slots(), 0.0)
+        return bool(torch.isfinite(lps[mask]).all()) and bool(torch.isfinite(self.sampled_logprobs[mask]).all())
+
+    def padded_to(self, k: int) -> TeacherSignal:
+        """This signal [B, T, K] widened to [B, T, k] (k >= K) by absent slots (the module doc); the
+        same tensors when k == K."""
+        if k < self.k:
+            raise ValueError(f"cannot pad a signal of K = {self.k} to {k} slots")
+        if k == self.k:
+            return self
+        extra = k - self.k
+        ids = torch.cat([self.topk_ids, self.topk_ids[..., :1].expand(*self.topk_ids.shape[:-1], extra)], -1)
+        lps = torch.cat([self.topk_logprobs, self.topk_logprobs.new_full((*self.topk_logprobs.shape[:-1], extra),
+                                                                          ABSENT_LOGPROB)], -1)
+        return TeacherSignal(ids, lps, self.sampled_logprobs)
 
     def bucket_entropy(self) -> torch.Tensor:
         """The entropy (nats) of the teacher's top-K plus one tail bucket holding the rest of its
@@ -82,7 +118,8 @@ class TeacherSignal:
         """Raise ValueError naming the field if shapes, ids or values are unusable.
 
         Checks shapes against [batch, length, K], K <= vocab_size, ids in [0, vocab_size) and
-        finite log-probs <= 0 at the positions where ``mask`` [B, T] is True (all if None).
+        finite log-probs <= 0 at the positions where ``mask`` [B, T] is True (all if None), absent
+        slots aside (top-K signals only: a full one, K = vocab_size, holds none).
         """
         ids, lps, samp = self.topk_ids, self.topk_logprobs, self.sampled_logprobs
         if ids.dim() != 3:
@@ -106,7 +143,11 @@ class TeacherSignal:
         sel = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=ids.device)
         if not bool(sel.any()):
             return
-        v_ids, v_lps, v_samp = ids[sel], lps[sel], samp[sel]
+        absent = self.absent_slots()[sel]
+        if self.k == vocab_size and bool(absent.any()):
+            raise ValueError("teacher.topk_logprobs holds absent slots (-inf) in a full-distribution signal "
+                             "(K = vocab_size): only top-K signals may be padded")
+        v_ids, v_lps, v_samp = ids[sel], lps[sel].masked_fill(absent, 0.0), samp[sel]
         if bool(((v_ids < 0) | (v_ids >= vocab_size)).any()):
             bad = v_ids[(v_ids < 0) | (v_ids >= vocab_size)][0].item()
             raise ValueError(f"teacher.topk_ids holds id {bad}, outside the vocabulary [0, {vocab_size})")
@@ -118,7 +159,7 @@ class TeacherSignal:
                     f"{name} holds values > 0 (max {values.max().item():.4g}): these are not log-probabilities"
                     " (logits passed by mistake?)"
                 )
-        mass = v_lps.double().exp().sum(-1)
+        mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
         if bool((mass > 1.0 + 1e-2).any()):
             raise ValueError(
                 f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"

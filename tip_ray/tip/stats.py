@@ -15,6 +15,7 @@ import torch
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.support import (
     aligned_distributions,
+    first_occurrences,
     generalized_jsd_over,
     kl_over,
     stable_topk_ids,
@@ -197,11 +198,13 @@ def _union_forward_kl(s_top_ids: torch.Tensor, s_top_lp: torch.Tensor, t_top_ids
 
     ``s_top_ids`` [N, k] with the student's log-probs ``s_top_lp`` there, ``t_top_ids`` [N, k']
     (k' <= k) with the student's log-probs ``s_at_t_top`` there; ``lookup`` maps ids [N, Q] to
-    the teacher's log-probs [N, Q].
+    the teacher's log-probs [N, Q]. An id in ``t_top_ids`` twice (an absent slot repeats an id of
+    a row scored with fewer than K tokens) counts once.
     """
     repeated = (t_top_ids.unsqueeze(-1) == s_top_ids.unsqueeze(-2)).any(-1)
     union_ids = torch.cat([s_top_ids, t_top_ids], dim=-1)
-    valid = torch.cat([torch.ones_like(s_top_ids, dtype=torch.bool), ~repeated], dim=-1)
+    valid = torch.cat([torch.ones_like(s_top_ids, dtype=torch.bool), ~repeated & first_occurrences(t_top_ids)],
+                      dim=-1)
     s = torch.cat([s_top_lp, s_at_t_top], dim=-1).masked_fill(~valid, float("-inf"))
     t = lookup(union_ids).masked_fill(~valid, float("-inf"))
     s = s - torch.logsumexp(s, dim=-1, keepdim=True)

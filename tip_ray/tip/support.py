@@ -38,7 +38,9 @@ def aligned_distributions(
     ``student_logp`` [N, V] are the student's log-softmax values (gradient flows through them);
     ``response_ids`` [N]; ``topk_ids``/``topk_logprobs`` [N, K]; ``sampled_logprobs`` [N].
     Full mode: S = V, the teacher scattered to the vocabulary and renormalised.
-    Top-K mode: S = K + 2 (teacher ids, the sampled id unless already among them, the tail).
+    Top-K mode: S = K + 2 (teacher ids, the sampled id unless already among them, the tail); a
+    teacher slot with log-prob -inf is absent (it pads a row scored with fewer than K tokens and
+    repeats an id already listed, ``tip_ray.tip.signal``), so the row reads as its own shorter signal.
     Invalid slots hold -inf on both sides and must be skipped by the caller.
     """
     dtype = student_logp.dtype
@@ -54,7 +56,7 @@ def aligned_distributions(
     ids = response_ids.long().unsqueeze(-1)
     sampled_is_new = ~(t_ids == ids).any(-1, keepdim=True)
     slot_ids = torch.cat([t_ids, ids], dim=-1)
-    slot_valid = torch.cat([torch.ones(n, k, dtype=torch.bool, device=t_ids.device), sampled_is_new], dim=-1)
+    slot_valid = torch.cat([t_lp != float("-inf"), sampled_is_new], dim=-1)
 
     # Student: exact mass on the support, and the exact mass outside it as the tail.
     s_support = student_logp.gather(-1, slot_ids)
@@ -128,6 +130,13 @@ def teacher_logprob_lookup(
     is_sampled = query_ids == response_ids.long().unsqueeze(-1)
     from_sampled = torch.where(is_sampled, sampled_logprobs.to(dtype).unsqueeze(-1), neg_inf)
     return torch.maximum(from_topk, from_sampled)
+
+
+def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
+    """bool [N, K]: True at the first slot of each distinct id of a row of ``ids`` [N, K]."""
+    ordered, order = ids.sort(dim=-1, stable=True)
+    repeat = torch.cat([torch.zeros_like(ordered[:, :1], dtype=torch.bool), ordered[:, 1:] == ordered[:, :-1]], -1)
+    return ~torch.zeros_like(repeat).scatter_(-1, order, repeat)
 
 
 def stable_topk_ids(values: torch.Tensor, k: int) -> torch.Tensor:
