@@ -124,3 +124,18 @@ def test_the_driver_grades_every_sample_and_the_learner_gets_its_advantages(tmp_
         assert line["reward/advantage_std"] == 0.5 and line["reward/grader_errors"] == 0
         assert line["reward/pg_loss"] == 0.25 and line["reward/total_loss"] == line["loss"] + 0.5 * 0.25
         assert "time/reward" in line
+
+
+def test_a_multi_turn_sample_is_graded_on_the_students_last_turn():
+    from tip_ray.driver.rewards import final_turn
+    from tip_ray.types import Generation
+
+    single = Generation(0, [5, 6, 7], [], "stop")
+    assert final_turn(single) == [5, 6, 7]
+    # student turn, a follow-up (not the student's), then the student's last turn
+    turns = Generation(0, [5, 6, 2, 40, 41, 42, 8, 9, 2], [], "stop",
+                       (True, True, True, False, False, False, True, True, True))
+    assert final_turn(turns) == [8, 9, 2]
+    # a sample that ended on a follow-up has no last turn of its own to grade
+    cut = Generation(0, [5, 6, 40], [], "length", (True, True, False))
+    assert final_turn(cut) == []

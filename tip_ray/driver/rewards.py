@@ -1,9 +1,9 @@
 """Task rewards in the driver: grade a step's samples and turn the grades into the learner's
 per-sequence advantages (``loss.reward``).
 
-Every sample is decoded (special tokens skipped, as in evaluation) and graded against its
-prompt's answer with ``cfg.grader`` (``tip_ray.data.grading``: a grader failure counts as
-incorrect); reward 1 for a correct sample, 0 otherwise, none for a prompt without an answer.
+Every sample is decoded (special tokens skipped, as in evaluation; a multi-turn sample's last
+student turn only) and graded against its prompt's answer with ``cfg.grader``
+(``tip_ray.data.grading``: a grader failure counts as incorrect); reward 1 for a correct sample, 0 otherwise, none for a prompt without an answer.
 ``tip_ray.tip.advantages.sequence_advantages`` makes the advantages (baseline and
 normalisation from ``loss.reward``). Grading runs in the driver's main thread, where
 math-verify's timeouts work.
@@ -20,7 +20,7 @@ import torch
 from tip_ray.config.reward import RewardConfig
 from tip_ray.data.grading import grade_all
 from tip_ray.tip.advantages import sequence_advantages
-from tip_ray.types import RolloutBatch
+from tip_ray.types import Generation, RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,21 @@ class StepRewards:
         }
 
 
+def final_turn(generation: Generation) -> list[int]:
+    """The token ids of ``generation``'s last student turn: the whole response, or with multi-turn
+    samples (``Generation.trainable``) the student's tokens after the last follow-up, so that a
+    follow-up's text (a tool result, a user's question) is never graded as the student's answer."""
+    if generation.trainable is None or all(generation.trainable):
+        return list(generation.token_ids)
+    last_foreign = max(i for i, own in enumerate(generation.trainable) if not own)
+    return list(generation.token_ids[last_foreign + 1 :])
+
+
 def grade_rollouts(rollouts: RolloutBatch, answers: Sequence[str | None], tokenizer, grader: str,
                    cfg: RewardConfig) -> StepRewards:
     """Grade every generation of ``rollouts`` against ``answers[g.prompt_index]`` (None: not
     graded) and make the advantages; samples of one prompt form its group."""
-    texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in rollouts.generations]
+    texts = [tokenizer.decode(final_turn(g), skip_special_tokens=True) for g in rollouts.generations]
     grades = grade_all(texts, [answers[g.prompt_index] for g in rollouts.generations], grader)
     rewards = torch.tensor([math.nan if c is None else float(c) for c in grades.correct], dtype=torch.float64)
     groups = torch.tensor([g.prompt_index for g in rollouts.generations], dtype=torch.long)
