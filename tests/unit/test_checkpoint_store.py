@@ -109,6 +109,14 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
     assert config_differences(saved, other) == ["selection.rule: 'soft_or' -> 'all'", "selection.ratio: 0.5 -> None"]
 
 
+def test_the_grader_is_part_of_a_rewarded_runs_identity_only():
+    plain = {"grader": "exact", "loss": {"reward": {"enabled": False}}}
+    assert config_differences(plain, {**plain, "grader": "math"}) == []  # it only evaluates
+    rewarded = {"grader": "exact", "loss": {"reward": {"enabled": True}}}
+    assert config_differences(rewarded, {**rewarded, "grader": "math"}) == ["grader: 'exact' -> 'math'"]
+    assert "grader: 'exact' -> 'math'" in config_differences(plain, {**rewarded, "grader": "math"})
+
+
 @pytest.fixture(scope="module")
 def default_config() -> dict[str, Any]:
     """The composed default training config, resolved as the trainer saves it with its checkpoints."""

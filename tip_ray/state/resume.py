@@ -14,7 +14,8 @@ dtype, ``top_k``, ``values_dtype``); the selection rule and every setting of it;
 optimisation (learner world size and ZeRO stage, which also fix the checkpoint's shard layout,
 dtype, optimizer, schedule, batch sizes, ``ta_k``); the step's shape (``prompts_per_step``,
 ``sync_every``, ``mode``); every seed. Not in it: ``trainer.steps`` (a run may be extended),
-evaluation (``eval_data``, ``grader``, cadence), checkpointing, logging, cluster placement, pool
+evaluation (``eval_data``, cadence; ``grader`` too, unless the run trains on task rewards,
+``loss.reward``, where it decides the rewards), checkpointing, logging, cluster placement, pool
 and engine sizes, the weight-sync transport, fault handling, and settings that give the same
 numbers another way (``chunk_rows``, ``vocab_chunk``, ``single_forward``,
 ``gradient_checkpointing``, teacher and rollout batching); ``learner.model`` always equals
@@ -69,6 +70,8 @@ def identity_keys(cls: type = TrainConfig, prefix: str = "") -> tuple[str, ...]:
 
 
 IDENTITY_KEYS = identity_keys()
+# ``grader`` joins the identity of a run that trains on task rewards (``loss.reward.enabled``).
+REWARDED = "loss.reward.enabled"
 
 
 def _lookup(config: dict[str, Any], dotted: str) -> Any:
@@ -90,6 +93,9 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any],
                        keys: typing.Iterable[str] = IDENTITY_KEYS) -> list[str]:
     """``key: saved -> current`` for every identity key both resolved configs hold with different
     values (a key one of them lacks is not compared: see the module docstring)."""
+    keys = list(keys)
+    if REWARDED in keys and any(_lookup(c, REWARDED) is True for c in (saved, current)):
+        keys.append("grader")  # with task rewards the grader decides what is trained
     out = []
     for key in keys:
         a, b = _lookup(saved, key), _lookup(current, key)
