@@ -12,23 +12,14 @@ import weakref
 
 import pytest
 import torch
+from head_inputs import head_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tip_ray.tip import LOSS_KINDS, TeacherSignal, distill_loss_from_logits, kept_token_loss
 
 
 def _inputs(vocab=37, k=5, batch=3, length=9, hidden=6, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(batch, length, hidden, generator=g, dtype=dtype).requires_grad_(True)
-    w = (torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.8).requires_grad_(True)
-    bias = (torch.randn(vocab, generator=g, dtype=dtype) * 0.2).requires_grad_(True)
-    with torch.no_grad():
-        student = torch.nn.functional.linear(h, w, bias)
-        ids = torch.multinomial(torch.softmax(student.double().reshape(-1, vocab), -1), 1,
-                                generator=g).reshape(batch, length)
-        teacher = student.double() + torch.randn(batch, length, vocab, generator=g, dtype=torch.float64)
-    signal = TeacherSignal.from_logits(teacher, ids, k)
-    mask = torch.rand(batch, length, generator=g) < 0.85
+    h, w, bias, ids, signal, mask, g = head_inputs(vocab, k, batch, length, hidden, dtype, seed)
     weights = torch.where(mask, torch.rand(batch, length, generator=g, dtype=torch.float64) + 0.5, 0.0)
     return h, w, bias, signal, ids.masked_fill(~mask, -100), mask, weights
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from head_inputs import head_inputs
 
 from tip_ray.tip import (
     TeacherSignal,
@@ -16,17 +17,7 @@ from tip_ray.tip import (
 
 
 def _inputs(vocab=37, k=5, batch=4, length=9, hidden=6, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(batch, length, hidden, generator=g, dtype=dtype).requires_grad_(True)
-    w = (torch.randn(vocab, hidden, generator=g, dtype=dtype) * 0.8).requires_grad_(True)
-    bias = (torch.randn(vocab, generator=g, dtype=dtype) * 0.2).requires_grad_(True)
-    with torch.no_grad():
-        student = torch.nn.functional.linear(h, w, bias)
-        ids = torch.multinomial(torch.softmax(student.double().reshape(-1, vocab), -1), 1,
-                                generator=g).reshape(batch, length)
-        teacher = student.double() + torch.randn(batch, length, vocab, generator=g, dtype=torch.float64)
-    signal = TeacherSignal.from_logits(teacher, ids, k)
-    mask = torch.rand(batch, length, generator=g) < 0.85
+    h, w, bias, ids, signal, mask, g = head_inputs(vocab, k, batch, length, hidden, dtype, seed)
     # About half the valid tokens carry the distillation term; the reward term covers them all.
     weights = torch.where(mask & (torch.rand(batch, length, generator=g) < 0.5),
                           torch.rand(batch, length, generator=g, dtype=torch.float64) + 0.5, 0.0)
