@@ -51,3 +51,17 @@ def make_batch(
 @pytest.fixture
 def batch() -> Batch:
     return make_batch()
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory) -> str:
+    """A tiny Qwen3-shaped student (2 layers, hidden 32) over the embedded character vocabulary,
+    saved as a Hugging Face checkpoint; returns its directory."""
+    from tip_ray.data.tokenizer import build_char_tokenizer
+    from tip_ray.embedded.models import ModelShape, build_model
+
+    path = tmp_path_factory.mktemp("tiny") / "student"
+    shape = ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                       intermediate_size=64)
+    build_model(shape, build_char_tokenizer(), seed=0).save_pretrained(str(path))
+    return str(path)

@@ -12,18 +12,6 @@ from tip_ray.tip import TeacherSignal
 from tip_ray.tip.lean import kept_token_loss
 
 
-@pytest.fixture(scope="module")
-def tiny_student(tmp_path_factory) -> str:
-    from tip_ray.data.tokenizer import build_char_tokenizer
-    from tip_ray.embedded.models import ModelShape, build_model
-
-    path = tmp_path_factory.mktemp("ckpt") / "student"
-    shape = ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=64)
-    build_model(shape, build_char_tokenizer(), seed=0).save_pretrained(str(path))
-    return str(path)
-
-
 def step_gradients(model_path: str, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
     """Gradients of one lean-loss backward through the student, and how often layer 0 ran."""
     student = build_student(LearnerConfig(model=model_path, gradient_checkpointing=checkpointing))

@@ -23,17 +23,6 @@ R, ALPHA = 4, 8.0
 BATCH = 4
 
 
-@pytest.fixture(scope="module")
-def tiny_student(tmp_path_factory) -> str:
-    from tip_ray.data.tokenizer import build_char_tokenizer
-    from tip_ray.embedded.models import ModelShape, build_model
-
-    path = tmp_path_factory.mktemp("lora") / "student"
-    shape = ModelShape(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                       intermediate_size=64)
-    build_model(shape, build_char_tokenizer(), seed=0).save_pretrained(str(path))
-    return str(path)
-
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"r": 0}, r"learner.lora.r must be an integer >= 1"),
