@@ -164,6 +164,7 @@ class Trainer:
         from tip_ray.config import teacher_configs, with_student_vocab
         from tip_ray.data.prompts import PromptStream, load_prompt_dataset
         from tip_ray.data.routing import Router
+        from tip_ray.driver.multiturn import multiturn_rollouts
         from tip_ray.learner.lora import check_student_targets
         from tip_ray.rollout.vllm_args import with_engine_sizes
         from tip_ray.runtime.ray_runtime import RuntimeHooks
@@ -203,10 +204,8 @@ class Trainer:
         hooks = RuntimeHooks(self._on_event, self._served_weights, lambda: self.state.version)
         # The rows the teacher scores: its padding rule (-log rows) and the joined shards' must agree.
         self.runtime = (runtime or _ray_runtime)(cfg, hooks, teacher_rows if self.routed else teacher_rows["default"])
-        from tip_ray.driver.multiturn import multiturn_rollouts
-
-        self.multiturn = multiturn_rollouts(cfg, self.tokenizer, self.runtime)  # None: one turn per sample
         try:
+            self.multiturn = multiturn_rollouts(cfg, self.tokenizer, self.runtime)  # None: one turn per sample
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.run_dir / "config.json", json.dumps(self.resolved_config, indent=2))
             self.tracker = Tracker(cfg.logger, self.run_dir, self.resolved_config,
