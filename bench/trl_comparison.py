@@ -34,7 +34,7 @@ Memory (``--ratios R ...``): the learner's peak memory per rank (``learner_peak_
 metrics.jsonl: the peak RSS of the largest learner rank, a running maximum over the run) at
 `soft_or` ratio R, against TRL's process peak RSS (``ru_maxrss`` of the worker, which holds student,
 teacher, optimizer states and generation in one process; tip_ray's learner rank holds its student
-copy, gradients and its ZeRO-2 share of the optimizer states, while the rollout engine and the
+copy, gradients and its ZeRO share of the optimizer states, while the rollout engine and the
 teacher live in other processes, so this is not the whole of tip_ray's memory). Ratio 1.0 is the
 `all` case; a ratio that is already a case reuses that run; each other ratio is one more
 ``tip-ray train`` run of ``--ratio-steps`` steps (the same first prompts; with ``--pair`` at the
@@ -44,8 +44,9 @@ peak over each whole run is reported too. The same table gives the learner's tim
 ratio (``time/learner`` and its ``learner_time/*`` split, mean over steps 2 .. ``--ratio-steps`` of
 every run: the same prompts), against ratio 1.0's.
 
-- tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed ZeRO-2
-  learner on Ray, weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
+- tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed learner on
+  Ray: ZeRO-2 by default, the pair preset's stage with ``--pair`` (ZeRO-1 and the collective
+  weight sync on smollm2), weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
   0.5, each in ``trainer.mode=sync`` and ``trainer.mode=overlap`` (step t+1's rollouts generated
   while the learner trains on step t: one update stale, so not strictly on-policy).
 - TRL: ``DistillationTrainer`` (on-policy: the student samples every completion with
