@@ -19,7 +19,13 @@ case: the median over steps after ``--warmup`` steps of the step's wall time and
 Usage:
     python bench/learner_ratio.py                                  # pair=smollm2, ZeRO-1 and ZeRO-2
     python bench/learner_ratio.py --ratios 0.5 --zero-stages 1 --steps 4
-Prints a table and writes bench/results/learner_ratio-<pair>.json.
+    # the random V = 151,936 student of bench/runtime_memory.py (run that first), its learner sizes:
+    python bench/learner_ratio.py --pair embedded --tag v151936 --set \
+        student=bench/results/runtime_memory/models/student-v151936 teacher.top_k=32 \
+        learner.global_batch_size=16 learner.micro_batch_size=8 learner.chunk_rows=512 \
+        learner.single_forward=false rollout.max_new_tokens=96
+``--set`` overrides apply to every case (before the case's ZeRO stage and rule). Prints a table and
+writes bench/results/learner_ratio-<tag, default the pair>.json.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 def _overrides(args: argparse.Namespace, ratio: float, zero_stage: int) -> list[str]:
     rule = ["selection=all"] if ratio >= 1.0 else ["selection.rule=soft_or", f"selection.ratio={ratio}"]
-    return [f"pair={args.pair}", f"learner=zero{zero_stage}", f"learner.world_size={args.world}", *rule]
+    return [f"pair={args.pair}", *args.set, f"learner=zero{zero_stage}", f"learner.world_size={args.world}", *rule]
 
 
 def synthetic_batch(cfg, rank: int, args: argparse.Namespace):
@@ -106,7 +112,7 @@ def run_case(args: argparse.Namespace, ratio: float, zero_stage: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = str(RESULTS / f"learner_ratio-{args.pair}.case")
+    out = str(RESULTS / f"learner_ratio-{args.tag}.case")
     mp.start_processes(_rank, args=(port, args, ratio, zero_stage, out), nprocs=args.world, join=True,
                        start_method="spawn")
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.world)]
@@ -134,18 +140,24 @@ def main() -> int:
     parser.add_argument("--world", type=int, default=2, help="learner ranks")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--prompt-tokens", type=int, default=50)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides for every case, e.g. student=PATH teacher.top_k=32")
+    parser.add_argument("--tag", help="suffix of the result file; default: the pair's name")
     args = parser.parse_args()
+    args.tag = args.tag or args.pair
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     if any(not 0.0 < r < 1.0 for r in args.ratios):
         raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios} (ratio 1.0 always runs as rule `all`)")
     from tip_ray.cli import compose
 
-    cfg = compose("train", [f"pair={args.pair}"])
+    cfg = compose("train", [f"pair={args.pair}", *args.set])
     if not (ROOT / cfg.student / "config.json").is_file():
-        raise SystemExit(f"{cfg.student} is missing: run `tip-ray prepare-pair {args.pair}` first")
+        raise SystemExit(f"{cfg.student} is missing: prepare it first (`tip-ray prepare-pair {args.pair}`, or "
+                         "bench/runtime_memory.py for its random students)")
     if cfg.teacher.top_k is None:
-        raise SystemExit(f"pair={args.pair} sends the full teacher distribution; this benchmark builds a top-K signal")
+        raise SystemExit(f"pair={args.pair} sends the full teacher distribution; this benchmark builds a top-K "
+                         "signal: add --set teacher.top_k=K")
     RESULTS.mkdir(parents=True, exist_ok=True)
     cases = []
     for stage in args.zero_stages:
@@ -156,7 +168,7 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"learner step at each ratio, pair={args.pair}: {args.world} ranks x {args.threads} thread(s), "
+    table = Table(title=f"learner step at each ratio, {args.tag}: {args.world} ranks x {args.threads} thread(s), "
                         f"{cfg.learner.global_batch_size} x ({args.prompt_tokens} + {cfg.rollout.max_new_tokens}) "
                         f"tokens, top-{cfg.teacher.top_k}, median of steps {args.warmup + 1}-{args.steps}")
     for column in ("ZeRO", "rule", "ratio", "kept", "learner s", "x ratio 1", "statistics", "gradient", "optimizer",
@@ -169,8 +181,9 @@ def main() -> int:
                       f"{case['statistics']:.2f}", f"{case['gradient']:.2f}", f"{case['optimizer']:.2f}",
                       f"{case['peak_mib']:.0f}", f"{case['peak_mib'] / base['peak_mib']:.2f}")
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    out = RESULTS / f"learner_ratio-{args.pair}.json"
-    out.write_text(json.dumps({"pair": args.pair, "world": args.world, "threads": args.threads,
+    out = RESULTS / f"learner_ratio-{args.tag}.json"
+    out.write_text(json.dumps({"pair": args.pair, "overrides": args.set, "student": cfg.student,
+                               "vocab": _student_vocab(cfg.student), "world": args.world, "threads": args.threads,
                                "prompt_tokens": args.prompt_tokens, "steps": args.steps, "warmup": args.warmup,
                                "load_average": os.getloadavg(), "cases": cases}, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")

@@ -143,11 +143,11 @@ def _vocab_blocks(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         del logits  # before the next block is made, not after
 
 
-def _check_block_finite(block_max: torch.Tensor, block_a: torch.Tensor) -> None:
-    """Raise if a block's logits held NaN or inf (as ``stats_for_rows`` does), from two [N]
-    reductions of the block instead of a pass over it: NaN and +inf make the row max non-finite,
-    and -inf makes exp(l - m) (l - m) = 0 x -inf NaN. Called before the block reaches a top-k."""
-    if not (bool(torch.isfinite(block_max).all()) and bool(torch.isfinite(block_a).all())):
+def _check_block_finite(*reductions: torch.Tensor) -> None:
+    """Raise if a block's logits held NaN or inf (as ``stats_for_rows`` does), from [N]
+    reductions of the block instead of a pass over it: NaN and +inf make the row max non-finite
+    (checked before the block reaches a top-k), and -inf makes exp(l - m) (l - m) = 0 x -inf NaN."""
+    if not all(bool(torch.isfinite(r).all()) for r in reductions):
         raise ValueError("student logits hold NaN or inf at a response position")
 
 
@@ -184,20 +184,39 @@ def _scan_vocabulary(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     m = z = a = tail = None
     cand_vals = cand_ids = None
     read = torch.zeros(read_ids.shape, dtype=dtype, device=rows.device)
+    row_of = torch.arange(n, device=rows.device).unsqueeze(-1).expand_as(read_ids)
+    scratch = None  # exp(l - m) of every block in one buffer: no fresh [N, W] pages per block
     for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
         width = logits.shape[-1]
         block_max = logits.amax(-1)
+        _check_block_finite(block_max)  # NaN or +inf, before the block reaches a top-k
         new_m = block_max if m is None else torch.maximum(m, block_max)
-        shifted = logits - new_m.unsqueeze(-1)
-        e = shifted.exp()
-        block_z, block_a = e.sum(-1), (e * shifted).sum(-1)
-        _check_block_finite(block_max, block_a)
+        read = _gather_in_block(logits, read_ids, start, read)
+        # Candidates stay in id order, so the concatenation is in id order too (earlier blocks
+        # hold lower ids).
+        local_top = stable_topk_ids(logits, min(n_cand, width))
+        vals, top_ids = logits.gather(-1, local_top), local_top + start
+        if cand_vals is not None:
+            vals, top_ids = torch.cat([cand_vals, vals], dim=-1), torch.cat([cand_ids, top_ids], dim=-1)
+        keep = stable_topk_ids(vals, min(n_cand, vals.shape[-1]))
+        cand_vals, cand_ids = vals.gather(-1, keep), top_ids.gather(-1, keep)
+        # The raw logits are read: the block becomes l - new_m in place, and exp of it goes to the
+        # scratch buffer, whose sum and dot product with l - new_m give Z and A without another
+        # [N, W] tensor.
+        shifted = logits.sub_(new_m.unsqueeze(-1))
+        if scratch is None:
+            scratch = torch.empty(n * width, dtype=dtype, device=rows.device)
+        e = torch.exp(shifted, out=scratch[: n * width].view(n, width))
+        block_z = e.sum(-1)
+        block_a = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(-1)).view(n)
+        _check_block_finite(block_a)  # -inf: exp(l - m) (l - m) = 0 x -inf is NaN
         if with_tail:
+            # The tail is the block's mass without the read ids: zero them in e (an id read twice
+            # is zeroed twice), then sum.
             local = read_ids - start
-            support = torch.zeros(n, width + 1, dtype=torch.bool, device=rows.device).scatter_(
-                -1, torch.where((local >= 0) & (local < width), local, width), True)[:, :width]
-            block_tail = e.masked_fill(support, 0.0).sum(-1)
-            del support
+            inside = (local >= 0) & (local < width)
+            e[row_of[inside], local[inside]] = 0.0
+            block_tail = e.sum(-1)
         del shifted, e
         if m is None:
             z, a = block_z, block_a
@@ -211,15 +230,6 @@ def _scan_vocabulary(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             if with_tail:
                 tail = scale * tail + block_tail
         m = new_m
-        read = _gather_in_block(logits, read_ids, start, read)
-        # Candidates stay in id order, so the concatenation is in id order too (earlier blocks
-        # hold lower ids).
-        local_top = stable_topk_ids(logits, min(n_cand, width))
-        vals, top_ids = logits.gather(-1, local_top), local_top + start
-        if cand_vals is not None:
-            vals, top_ids = torch.cat([cand_vals, vals], dim=-1), torch.cat([cand_ids, top_ids], dim=-1)
-        keep = stable_topk_ids(vals, min(n_cand, vals.shape[-1]))
-        cand_vals, cand_ids = vals.gather(-1, keep), top_ids.gather(-1, keep)
         del logits
     return _VocabularyScan(m, z, a, tail, read, cand_vals, cand_ids)
 

@@ -145,12 +145,15 @@ def stable_topk_ids(values: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.topk`` leaves the order of ties unspecified (and it differs between devices);
     bf16 logits tie often, so the choice must not depend on it. Ids come back in id order.
     """
-    kth = torch.topk(values, k, dim=-1).values[..., -1:]
-    at_least = values >= kth
-    if bool((at_least.sum(-1) == k).all()):
-        # No tie straddles the k-th place in any row (the usual case): nothing to break, and no
-        # running count over the row is needed.
-        return at_least.nonzero()[:, -1].reshape(*values.shape[:-1], k)
+    width = values.shape[-1]
+    if k == width:
+        return torch.arange(width, device=values.device).expand(values.shape).clone()
+    top = torch.topk(values, k + 1, dim=-1)
+    kth = top.values[..., k - 1 : k]
+    if not bool((top.values[..., k] == kth[..., 0]).any()):
+        # No tie straddles the k-th place in any row (the usual case): the top k are unique, and
+        # sorting their ids puts them in id order; no [N, V] mask or count is made.
+        return top.indices[..., :k].sort(dim=-1).values
     above = values > kth
     tied = values == kth
     room = k - above.sum(-1, keepdim=True)
