@@ -78,10 +78,13 @@ def test_top_k_above_max_logprobs_is_fine_on_the_hf_backend():
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 20])
-def test_hf_top_ids_break_ties_at_the_boundary_like_stable_topk_ids(k):
-    from tip_ray.teacher.hf import top_ids
-    from tip_ray.tip.support import stable_topk_ids
+def test_stable_topk_ids_breaks_ties_at_the_boundary_on_the_tied_rows_only(k):
+    # the hf teacher takes its top-K with stable_topk_ids: rows with a tie at the k-th place take
+    # the exact tie-break, the others topk's ids, and both agree with the exact path on every row
+    from tip_ray.tip.support import _tie_broken_topk_ids, stable_topk_ids
 
     generator = torch.Generator().manual_seed(k)
     values = torch.randint(-4, 0, (3, 5, 20), generator=generator).float()  # ties everywhere
-    assert torch.equal(top_ids(values, k).sort(dim=-1).values, stable_topk_ids(values, k))
+    values[0] = torch.randn(5, 20, generator=generator)  # and rows without any
+    exact = _tie_broken_topk_ids(values.reshape(-1, 20), k).reshape(3, 5, k)
+    assert torch.equal(stable_topk_ids(values, k), exact)

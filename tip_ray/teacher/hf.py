@@ -11,21 +11,6 @@ from tip_ray.devices import compute_device, to_device
 from tip_ray.tip.support import stable_topk_ids
 
 
-def top_ids(logp: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids [..., k] of the k largest values of ``logp`` [..., V], ties at the k-th place going to
-    the lower ids as ``stable_topk_ids`` does; the exact tie-break (which needs [..., V] int64
-    work) runs only on the rows whose k-th and (k+1)-th values tie."""
-    vocab = logp.shape[-1]
-    if k == vocab:
-        return torch.arange(vocab, device=logp.device).expand(logp.shape)
-    values, ids = torch.topk(logp, k + 1, dim=-1)
-    ids = ids[..., :k].contiguous()
-    tied = values[..., k - 1] == values[..., k]
-    if bool(tied.any()):
-        ids[tied] = stable_topk_ids(logp[tied], k)
-    return ids
-
-
 class HFScorer:
     """A transformers causal LM scoring right-padded sequences at temperature 1.
 
@@ -82,7 +67,7 @@ class HFScorer:
             extra = {"logits_to_keep": width - first} if self.keeps_logits else {}
             logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits[:, :-1]
             logp = torch.log_softmax(logits.float(), dim=-1)
-            top = top_ids(logp[..., : self.scored_vocab], k)
+            top = stable_topk_ids(logp[..., : self.scored_vocab], k)
             targets = tokens[:, first + 1 :].clamp(0, self.vocab_size - 1)
             ids[rows, first : width - 1] = top.cpu()
             values[rows, first : width - 1] = logp.gather(-1, top).cpu()

@@ -140,22 +140,30 @@ def first_occurrences(ids: torch.Tensor) -> torch.Tensor:
 
 
 def stable_topk_ids(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Ids [N, k] of the k largest values per row [N, V], ties broken towards lower ids.
+    """Ids [..., k] of the k largest values per row [..., V], ties at the k-th place broken towards
+    lower ids, in id order, on the values' device.
 
     ``torch.topk`` leaves the order of ties unspecified (and it differs between devices);
-    bf16 logits tie often, so the choice must not depend on it. Ids come back in id order.
+    bf16 logits tie often, so the choice must not depend on it. A tie straddles the k-th place
+    exactly when the k-th and (k+1)-th largest values are equal: only those rows take the exact
+    tie-break (which needs [rows, V] work); the others sort ``topk``'s ids.
     """
     width = values.shape[-1]
     if k == width:
         return torch.arange(width, device=values.device).expand(values.shape).clone()
     top = torch.topk(values, k + 1, dim=-1)
-    kth = top.values[..., k - 1 : k]
-    if not bool((top.values[..., k] == kth[..., 0]).any()):
-        # No tie straddles the k-th place in any row (the usual case): the top k are unique, and
-        # sorting their ids puts them in id order; no [N, V] mask or count is made.
-        return top.indices[..., :k].sort(dim=-1).values
+    ids = top.indices[..., :k].sort(dim=-1).values
+    tied = top.values[..., k] == top.values[..., k - 1]
+    if bool(tied.any()):
+        ids[tied] = _tie_broken_topk_ids(values[tied], k)
+    return ids
+
+
+def _tie_broken_topk_ids(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``stable_topk_ids`` of rows [N, V] by a running count of the ties at the k-th value."""
+    kth = torch.topk(values, k, dim=-1).values[..., -1:]
     above = values > kth
     tied = values == kth
     room = k - above.sum(-1, keepdim=True)
     chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= room))
-    return chosen.nonzero()[:, -1].reshape(*values.shape[:-1], k)
+    return chosen.nonzero()[:, -1].reshape(values.shape[0], k)
