@@ -46,8 +46,13 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 
+def _rule(ratio: float) -> str:
+    """The selection rule of a case: ``all`` at ratio 1.0, ``soft_or`` below."""
+    return "all" if ratio >= 1.0 else "soft_or"
+
+
 def _overrides(args: argparse.Namespace, ratio: float, zero_stage: int) -> list[str]:
-    rule = ["selection=all"] if ratio >= 1.0 else ["selection.rule=soft_or", f"selection.ratio={ratio}"]
+    rule = ["selection=all"] if _rule(ratio) == "all" else ["selection.rule=soft_or", f"selection.ratio={ratio}"]
     return [f"pair={args.pair}", *args.set, f"learner=zero{zero_stage}", f"learner.world_size={args.world}", *rule]
 
 
@@ -123,7 +128,7 @@ def run_case(args: argparse.Namespace, ratio: float, zero_stage: int) -> dict:
     def median(key: str) -> float:
         return statistics.median(step.get(key, 0.0) for step in measured)
 
-    return {"ratio": ratio, "zero_stage": zero_stage, "rule": "all" if ratio >= 1.0 else "soft_or",
+    return {"ratio": ratio, "zero_stage": zero_stage, "rule": _rule(ratio),
             "kept_fraction": median("kept_fraction"), "seconds": median("seconds"),
             "statistics": median("statistics"), "gradient": median("gradient"), "optimizer": median("optimizer"),
             "peak_mib": max(r["peak_mib"] for r in ranks), "steps": [r["steps"] for r in ranks]}
