@@ -7,7 +7,8 @@ TRL as text and checked to tokenize to the same ids), same prompts per optimizer
 ``max_new_tokens``, temperature 1, same optimizer (AdamW, constant lr, clip 1.0), same number of
 optimizer steps, reverse KL against the teacher's full distribution (tip_ray ``loss.kind=rkl`` with
 ``teacher.top_k=null``; TRL ``beta=1.0``), no evaluation, minimal logging, no checkpoint on the TRL
-side (tip_ray writes its final checkpoint after the last step, outside the timed steps).
+side (tip_ray writes its final checkpoint after the last step, outside the timed steps, and this
+script deletes it once the run's metrics are read).
 
 The teacher signal: TRL 1.16's ``DistillationTrainer`` has no sparse (top-k) teacher signal: its loss
 (the chunked generalized JSD, ``_chunked_divergence_loss``) projects the teacher's last hidden states
@@ -224,6 +225,9 @@ def run_tip(setup: Setup, case: TipCase, workdir: Path) -> dict:
                       "truncated": m["truncated"], "loss": m["loss"],
                       "learner_peak_memory_mb": m["learner_peak_memory_mb"],
                       **{k: v for k, v in m.items() if k.startswith("learner_time/")}})
+    # The final checkpoint (DeepSpeed state and HF export, about 1.5 GB a SmolLM2 run) is not a
+    # result: only the metrics, config and logs stay.
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {"name": name, "wall_seconds": wall, "load_average": LOAD[name], "steps": steps}
 
 
@@ -280,6 +284,7 @@ def run_startup_profile(setup: Setup, workdir: Path) -> dict:
                 log)
     marks = json.loads(log.read_text().strip().splitlines()[-1])
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
     seconds = [sum(m[f"time/{k}"] for k in ("rollout", "teacher", "learner", "sync")) for m in steps if "loss" in m]
     steady = sum(seconds[setup.warmup_steps:]) / len(seconds[setup.warmup_steps:])
     return {**marks, "process_wall": wall, "interpreter_and_rest": wall - sum(marks.values()),

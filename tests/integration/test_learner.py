@@ -1,4 +1,4 @@
-"""The DeepSpeed learner on 2 gloo ranks: global budget, ZeRO-1/2/3 agreement, loss scaling.
+"""The DeepSpeed learner on 2 gloo ranks: global budget, ZeRO-0/1/2/3 agreement, loss scaling.
 
 Each case spawns real ranks (torch.multiprocessing) that build a LearnerWorker on a tiny Qwen3
 saved to disk, and write what they saw to files.
@@ -57,32 +57,33 @@ def make_global_batch(seed: int = 0, length: int = 24) -> TrainBatch:
 
 
 def _rank_main(rank, world, port, out_dir, model, stage, selection, steps, optimizer, single_forward,
-               gradient_checkpointing=False):
+               gradient_checkpointing=False, grad_clip=0.0):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from tip_ray.learner.worker import LearnerWorker
 
     cfg = LearnerConfig(model=model, world_size=world, zero_stage=stage, optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3,
-                        global_batch_size=GLOBAL_BATCH, micro_batch_size=1, grad_clip=0.0, chunk_rows=7,
+                        global_batch_size=GLOBAL_BATCH, micro_batch_size=1, grad_clip=grad_clip, chunk_rows=7,
                         single_forward=single_forward, gradient_checkpointing=gradient_checkpointing)
     worker = LearnerWorker(cfg, SelectionConfig(**selection), LossConfig())
     per_rank = GLOBAL_BATCH // world
     batch = make_global_batch().rows(rank * per_rank, (rank + 1) * per_rank)
-    metrics = []
+    metrics, reports = [], []
     for _ in range(steps):
         metrics.append(worker.forward_backward(batch))
-        worker.optim_step()
+        reports.append(worker.optim_step())
     weights = worker.export_weights(all_ranks=True)
-    torch.save({"metrics": metrics, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"metrics": metrics, "reports": reports, "weights": weights}, os.path.join(out_dir, f"rank{rank}.pt"))
     worker.close()
 
 
 def run_group(tmp_path, model, world, stage, selection, steps=1, optimizer="sgd", single_forward=False,
-              gradient_checkpointing=False):
-    out = tmp_path / f"w{world}z{stage}{selection['rule']}{steps}{optimizer}{single_forward}{gradient_checkpointing}"
+              gradient_checkpointing=False, grad_clip=0.0):
+    out = tmp_path / (f"w{world}z{stage}{selection['rule']}{steps}{optimizer}{single_forward}{gradient_checkpointing}"
+                      f"{grad_clip}")
     out.mkdir()
     context = mp.start_processes(_rank_main, args=(world, _free_port(), str(out), model, stage, selection, steps,
-                                                   optimizer, single_forward, gradient_checkpointing),
+                                                   optimizer, single_forward, gradient_checkpointing, grad_clip),
                                  nprocs=world, join=False, start_method="spawn")
     for process in context.processes:
         process.join(timeout=300)
@@ -104,7 +105,8 @@ def single_rank(tiny_model, tmp_path_factory):
     return run_group(tmp_path_factory.mktemp("single"), tiny_model, 1, 2, SOFT_OR)[0]
 
 
-@pytest.mark.parametrize(("stage", "single_forward"), [(1, False), (2, False), (3, False), (1, True), (2, True)])
+@pytest.mark.parametrize(("stage", "single_forward"),
+                         [(0, False), (1, False), (2, False), (3, False), (0, True), (1, True), (2, True)])
 def test_two_ranks_select_the_global_budget_and_match_one_rank(stage, single_forward, tiny_model, single_rank,
                                                                tmp_path):
     # The reference runs two passes (4 micro-batches on one rank); single_forward keeps the
@@ -121,6 +123,21 @@ def test_two_ranks_select_the_global_budget_and_match_one_rank(stage, single_for
     for name, value in single_rank["weights"].items():
         torch.testing.assert_close(results[0]["weights"][name], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(results[1]["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_zero0_reports_and_clips_the_gradient_norm_as_zero1_does(tiny_model, tmp_path):
+    # ZeRO-0 in fp32 steps the torch optimizer under DeepSpeed, which keeps no norm: the worker
+    # measures it. A clip below the norm makes every AdamW step depend on the clipping too.
+    zero1, zero0 = (run_group(tmp_path, tiny_model, 2, stage, SOFT_OR, steps=2, optimizer="adamw", grad_clip=0.05)
+                    for stage in (1, 0))
+    for a, b in zip(zero1, zero0):
+        norms = [r["grad_norm"] for r in a["reports"]]
+        assert all(math.isfinite(n) and n > 0.05 for n in norms), norms
+        for mine, theirs in zip(b["reports"], a["reports"]):
+            assert math.isclose(mine["grad_norm"], theirs["grad_norm"], rel_tol=1e-5)
+            assert mine["weights_finite"] == 1.0 and mine["lr"] == theirs["lr"]
+        for name, value in a["weights"].items():
+            torch.testing.assert_close(b["weights"][name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -211,12 +228,12 @@ def test_rank_scope_budgets_each_rank(tiny_model, tmp_path):
     assert results[0]["metrics"][0].kept_tokens == expected
 
 
-def _durability_rank_main(rank, world, port, out_dir, model):
+def _durability_rank_main(rank, world, port, out_dir, model, stage):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     from tip_ray.learner.worker import LearnerWorker, NonFiniteWeightsError
 
-    cfg = LearnerConfig(model=model, world_size=world, zero_stage=2, lr=3e-3, global_batch_size=GLOBAL_BATCH,
+    cfg = LearnerConfig(model=model, world_size=world, zero_stage=stage, lr=3e-3, global_batch_size=GLOBAL_BATCH,
                         micro_batch_size=1)
     worker = LearnerWorker(cfg, SelectionConfig(rule="soft_or", ratio=0.5), LossConfig())
     per_rank = GLOBAL_BATCH // world
@@ -250,9 +267,10 @@ def _durability_rank_main(rank, world, port, out_dir, model):
     worker.close()
 
 
-def test_nan_steps_are_skipped_by_every_rank_and_state_round_trips(tiny_model, tmp_path):
-    context = mp.start_processes(_durability_rank_main, args=(2, _free_port(), str(tmp_path), tiny_model), nprocs=2,
-                                 join=False, start_method="spawn")
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nan_steps_are_skipped_by_every_rank_and_state_round_trips(stage, tiny_model, tmp_path):
+    context = mp.start_processes(_durability_rank_main, args=(2, _free_port(), str(tmp_path), tiny_model, stage),
+                                 nprocs=2, join=False, start_method="spawn")
     for process in context.processes:
         process.join(timeout=300)
     for rank in range(2):

@@ -95,7 +95,7 @@ def test_the_experiment_preset_selects_the_pair_its_data_and_small_sizes():
     assert cfg.data.path == "runs/smollm2/data/train.jsonl" and cfg.data.answer_field is None
     assert cfg.eval_data.path == "runs/smollm2/data/test.jsonl" and cfg.eval_data.answer_field == "answer"
     assert cfg.rollout.max_model_len == 512 and cfg.rollout.dtype == "float32" and cfg.learner.dtype == "fp32"
-    assert cfg.learner.zero_stage == 1 and cfg.sync.transport == "collective"
+    assert cfg.learner.zero_stage == 0 and cfg.sync.transport == "collective"
     # the command line still chooses the ZeRO stage and the transport
     other = compose("train", ["pair=smollm2", "learner=zero2", "sync.transport=object_store"])
     assert other.learner.zero_stage == 2 and other.sync.transport == "object_store"

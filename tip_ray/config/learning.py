@@ -10,7 +10,7 @@ from tip_ray.config.fields import identity, raise_first_failure
 from tip_ray.config.reward import RewardConfig
 
 SELECTION_SCOPES = ("global", "rank", "micro_batch", "sequence")
-ZERO_STAGES = (1, 2, 3)
+ZERO_STAGES = (0, 1, 2, 3)
 LEARNER_DTYPES = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
@@ -133,6 +133,11 @@ class LearnerConfig:
     ``global_batch_size`` sequences make one optimizer step, split evenly over ``world_size``
     ranks and into micro-batches of ``micro_batch_size`` (gradient accumulation in between).
 
+    ``zero_stage``: 1, 2 and 3 shard the optimizer state, then the gradients, then the parameters
+    over the ranks; 0 shards nothing (DeepSpeed's plain data parallelism: every rank holds the
+    whole optimizer state and the gradients are all-reduced once a step), the cheapest step for a
+    student whose optimizer state fits every rank (docs/benchmarks.md section 8); fp32 only.
+
     ``single_forward``: true runs the student backbone once per micro-batch and keeps every
     micro-batch's graph until the global selection is made: one backbone forward fewer per
     micro-batch (about 18% of a small student's step), for the activations of all of a rank's
@@ -140,7 +145,7 @@ class LearnerConfig:
     no-gradient statistics pass first and the gradient pass after it, holding one micro-batch's
     graph at a time. ZeRO-3 cannot run one pass (its parameter partitioning gives wrong gradients
     with several graphs held at once): true with ``zero_stage=3`` is an error, and null (auto)
-    runs one pass under ZeRO-1/2 and two under ZeRO-3 (``uses_single_forward``).
+    runs one pass under ZeRO-0/1/2 and two under ZeRO-3 (``uses_single_forward``).
 
     ``gradient_checkpointing``: true keeps only each decoder layer's input during the forward and
     recomputes the layer in the backward (transformers' non-reentrant checkpointing): activation
@@ -197,10 +202,14 @@ class LearnerConfig:
             (0 <= self.min_lr_ratio <= 1, f"learner.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.chunk_rows >= 1, f"learner.chunk_rows must be >= 1, got {self.chunk_rows}"),
             (self.vocab_chunk >= 1, f"learner.vocab_chunk must be >= 1, got {self.vocab_chunk}"),
+            (not (self.zero_stage == 0 and self.dtype == "bf16"),
+             "learner.zero_stage=0 cannot train in learner.dtype=bf16: DeepSpeed's stage 0 accumulates and "
+             "all-reduces bf16 gradients in bf16, where small late contributions are lost; use learner.zero_stage>=1 "
+             "(its bf16 optimizer accumulates them in fp32) or learner.dtype=fp32"),
             (not (self.single_forward is True and self.zero_stage == 3),
              "learner.single_forward=true cannot run under learner.zero_stage=3 (ZeRO-3's parameter partitioning "
              "gives wrong gradients with several micro-batch graphs held at once); set learner.single_forward=false, "
-             "or null (auto: one pass under ZeRO-1/2, two under ZeRO-3)"),
+             "or null (auto: one pass under ZeRO-0/1/2, two under ZeRO-3)"),
             (not (lora.enabled and lora.dropout > 0),
              f"learner.lora.dropout={lora.dropout} cannot be used: the student runs in evaluation mode (no dropout "
              "at all) unless learner.gradient_checkpointing puts it in training mode, and there the statistics pass "
@@ -217,7 +226,7 @@ class LearnerConfig:
     @property
     def uses_single_forward(self) -> bool:
         """Whether a step runs the backbone once per micro-batch: ``single_forward``, with null
-        (auto) resolved to true under ZeRO-1/2 and false under ZeRO-3."""
+        (auto) resolved to true under ZeRO-0/1/2 and false under ZeRO-3."""
         if self.single_forward is None:
             return self.zero_stage != 3
         return self.single_forward
