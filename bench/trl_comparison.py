@@ -46,10 +46,11 @@ ratio (``time/learner`` and its ``learner_time/*`` split, mean over steps 2 .. `
 every run: the same prompts), against ratio 1.0's.
 
 - tip_ray: ``tip-ray train`` (vLLM rollout actor, teacher actor, 2-rank DeepSpeed learner on
-  Ray: ZeRO-2 by default, the pair preset's stage with ``--pair`` (ZeRO-1 and the collective
+  Ray: ZeRO-2 by default, the pair preset's stage with ``--pair`` (ZeRO-0 and the collective
   weight sync on smollm2), weight sync every step), read from its ``metrics.jsonl``; `all` and `soft_or`
   0.5, each in ``trainer.mode=sync`` and ``trainer.mode=overlap`` (step t+1's rollouts generated
-  while the learner trains on step t: one update stale, so not strictly on-policy).
+  while the learner trains on step t: one update stale, so not strictly on-policy; with ``--pair``
+  overlap only with ``--overlap``).
 - TRL: ``DistillationTrainer`` (on-policy: the student samples every completion with
   ``transformers`` ``generate``; teacher and student in one process), run by
   ``bench/trl_worker.py`` inside ``bench/.venv-trl`` (``bench/setup_trl_env.sh`` makes it), once
@@ -73,6 +74,8 @@ Usage:
     python bench/trl_comparison.py --repeats 3       # every case 3 times, interleaved, steps pooled
     python bench/trl_comparison.py --pair smollm2 --steps 8 --ratios 1.0 0.5 0.2 0.1
         # the SmolLM2 pair (`tip-ray prepare-pair smollm2`), with the learner peak at 4 ratios
+    python bench/trl_comparison.py --pair smollm2 --steps 8 --overlap --skip tip_ray-all
+        # the pair at its top-k, sync and overlap mode, without the full-distribution case
     python bench/scaled_pair.py --out runs/bench_pair/m && python bench/trl_comparison.py \
         --student runs/bench_pair/m/student --teacher runs/bench_pair/m/teacher --tag m   # a bigger pair
 Prints a table (and with ``--ratios`` a memory table) and writes bench/results/trl_comparison[-TAG].json
@@ -459,6 +462,9 @@ def main() -> int:
                              "TRL and at least one tip_ray `all` case must remain")
     parser.add_argument("--tag", default=None, help="suffix of the result file and run folder (another pair, say); "
                         "default: the pair's name")
+    parser.add_argument("--overlap", action="store_true",
+                        help="with --pair: also the pair's top-k cases in trainer.mode=overlap (the embedded pair "
+                             "always runs both modes)")
     parser.add_argument("--startup-profile", action="store_true",
                         help="also run tip_ray once more with its start-up split into parts")
     parser.add_argument("--startup-profile-case", help=argparse.SUPPRESS)
@@ -498,6 +504,8 @@ def main() -> int:
         # `soft_or` 0.5, which the ratio runs reuse.
         own = [] if base["top_k"] is None else [TipCase("all", 1.0, top_k=base["top_k"]),
                                                 TipCase("soft_or", 0.5, top_k=base["top_k"])]
+        if args.overlap:  # the same two in overlap mode (one update stale)
+            own += [replace(c, mode="overlap") for c in own]
         tip_cases = [TipCase("all", 1.0), *own]
         cases = [("trl", lambda: run_trl(setup, prompts, workdir, None)),
                  *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases)]

@@ -150,6 +150,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.heavy  # a training run with two actors killed: 1-1.5 minutes
 def test_training_survives_a_killed_rollout_actor_and_a_killed_teacher_actor(cluster, tmp_path, data):
     from tip_ray.cli import compose
     from tip_ray.runtime.pools import sample_seeds

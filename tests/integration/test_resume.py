@@ -66,6 +66,7 @@ def step_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "loss" in r]
 
 
+@pytest.mark.heavy  # three training runs, about 3 minutes on 2 cores
 def test_a_killed_driver_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, data):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     result = subprocess.run(command(straight, data), capture_output=True, text=True, timeout=900, env=environment())

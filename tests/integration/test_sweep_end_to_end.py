@@ -17,7 +17,7 @@ from tip_ray.experiments.sweep import arms_by_name, plan
 from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
 from tip_ray.tip.rocks import load_rock_set
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # each test several training runs: 1-2 minutes
 ASSETS = Path(__file__).resolve().parents[2] / "tip_ray" / "embedded" / "assets"
 ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_API_KEY": ""}
 

@@ -75,6 +75,7 @@ def test_inconsistent_batch_sizes_are_a_config_error(tmp_path, data):
     assert result.returncode != 0 and "make them equal" in result.stderr
 
 
+@pytest.mark.heavy  # about a minute; test_train_runs_the_pools_and_records_every_step covers sync mode
 def test_one_step_overlap_trains_on_samples_one_update_old(tmp_path, data):
     result = train(tmp_path, data, "trainer.mode=overlap", "trainer.steps=3", "logger.wandb=false",
                    "selection.rule=all")

@@ -49,7 +49,7 @@ def assert_actors_sample_from(ray, actors, model, version: int) -> None:
             assert g.logprobs == pytest.approx(expected, abs=1e-4)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [pytest.param(2, marks=pytest.mark.heavy), 3])  # 3: the gathered one
 def test_collective_sync_serves_the_learners_weights(zero_stage, cluster, checkpoints, rollout_actors):
     from transformers import AutoModelForCausalLM
 
