@@ -34,6 +34,9 @@ def test_resources_that_do_not_fit_fail_before_any_actor_starts(cluster):
         check_fits([PoolResources("learner", 64, cpus=1)], cluster.cluster_resources())
 
 
+# test_train (the pools through `tip-ray train`) and test_rollout_and_teacher (log-probs after a sync)
+# cover it in `make test`.
+@pytest.mark.heavy
 def test_one_step_and_a_sync_reach_the_rollout_engine(cluster, checkpoints):
     from transformers import AutoModelForCausalLM
 

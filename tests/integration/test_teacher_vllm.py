@@ -13,7 +13,8 @@ from tiny import save_tiny_model
 from tip_ray.config import TeacherConfig
 from tip_ray.teacher.worker import TeacherWorker
 
-pytestmark = pytest.mark.slow
+# The optional vLLM teacher backend (no preset uses it): about a minute, under heavy.
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 LENGTHS = [13, 6, 2, 9, 1]  # right-padded rows of unequal length; the last has nothing to score
 

@@ -62,6 +62,7 @@ def test_train_runs_the_pools_and_records_every_step(tmp_path, data):
     assert "student accuracy after" in result.stdout
 
 
+@pytest.mark.heavy  # test_bad_input_cli's `pool larger than the cluster` case runs the same check in `make test`
 def test_pools_larger_than_the_cluster_fail_before_any_actor_starts(tmp_path, data):
     result = train(tmp_path, data, "learner.world_size=8", "learner.global_batch_size=16",
                    "trainer.prompts_per_step=16", "cluster.num_cpus=4")
