@@ -24,13 +24,11 @@ demo: $(STAMP)
 # a killed driver's resume, the sweep, overlap mode, actors killed mid-run; repeats of covered
 # checks under other ZeRO stages), which `make test-all` adds: on a 2-core machine without
 # AVX-512 the whole suite took 35 minutes with the install, over CI's 30; `make test` about 26.
-test: $(STAMP)
+TEST_MARKERS ?= not heavy
+test-all: TEST_MARKERS =
+test test-all: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider -m "not heavy" --durations=15
-
-test-all: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider -m "$(TEST_MARKERS)" --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
