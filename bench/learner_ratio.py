@@ -10,8 +10,9 @@ position, log-softmaxed random log-probs, seeded): the selection rules read the 
 statistics on it, and the learner's arithmetic does not depend on the signal's values. No Ray,
 rollout or teacher: the phases around the learner cannot add noise to it.
 
-Cases: rule ``all`` (ratio 1.0) and ``soft_or`` at each ``--ratios`` value below 1, for each
-``--zero-stages`` value, one case after the other, each its own set of processes. Reported per
+Cases: rule ``all`` (ratio 1.0) and ``soft_or`` at each ``--ratios`` value, for each
+``--zero-stages`` value (``soft_or`` at 1.0 keeps ``all``'s tokens at the same weight, after a
+statistics pass that ``all`` does without: their difference is what that pass costs), one case after the other, each its own set of processes. Reported per
 case: the median over steps after ``--warmup`` steps of the step's wall time and of its split
 (``learner_time/*``: statistics, gradient, optimizer), and the rank's peak RSS over the whole case
 (``ru_maxrss``, the largest rank); every ratio against ratio 1.0 of the same ZeRO stage.
@@ -46,13 +47,8 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
 
-def _rule(ratio: float) -> str:
-    """The selection rule of a case: ``all`` at ratio 1.0, ``soft_or`` below."""
-    return "all" if ratio >= 1.0 else "soft_or"
-
-
-def _overrides(args: argparse.Namespace, ratio: float, zero_stage: int) -> list[str]:
-    rule = ["selection=all"] if _rule(ratio) == "all" else ["selection.rule=soft_or", f"selection.ratio={ratio}"]
+def _overrides(args: argparse.Namespace, rule: str, ratio: float, zero_stage: int) -> list[str]:
+    rule = ["selection=all"] if rule == "all" else ["selection.rule=soft_or", f"selection.ratio={ratio}"]
     return [f"pair={args.pair}", *args.set, f"learner=zero{zero_stage}", f"learner.world_size={args.world}", *rule]
 
 
@@ -86,7 +82,7 @@ def _student_vocab(path: str) -> int:
     return int(json.loads((ROOT / path / "config.json").read_text())["vocab_size"])
 
 
-def _rank(rank: int, port: int, args: argparse.Namespace, ratio: float, zero_stage: int, out: str) -> None:
+def _rank(rank: int, port: int, args: argparse.Namespace, rule: str, ratio: float, zero_stage: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(args.world), LOCAL_RANK=str(rank))
     import torch
@@ -95,7 +91,7 @@ def _rank(rank: int, port: int, args: argparse.Namespace, ratio: float, zero_sta
     from tip_ray.cli import compose
     from tip_ray.learner.worker import LearnerWorker
 
-    cfg = compose("train", _overrides(args, ratio, zero_stage))
+    cfg = compose("train", _overrides(args, rule, ratio, zero_stage))
     batch = synthetic_batch(cfg, rank, args)
     worker = LearnerWorker(dataclasses.replace(cfg.learner, world_size=args.world), cfg.selection, cfg.loss)
     steps = []
@@ -109,7 +105,7 @@ def _rank(rank: int, port: int, args: argparse.Namespace, ratio: float, zero_sta
     worker.close()
 
 
-def run_case(args: argparse.Namespace, ratio: float, zero_stage: int) -> dict:
+def run_case(args: argparse.Namespace, rule: str, ratio: float, zero_stage: int) -> dict:
     """One case in ``--world`` fresh processes: medians over the measured steps, the largest
     rank's peak RSS."""
     import torch.multiprocessing as mp
@@ -118,7 +114,7 @@ def run_case(args: argparse.Namespace, ratio: float, zero_stage: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(RESULTS / f"learner_ratio-{args.tag}.case")
-    mp.start_processes(_rank, args=(port, args, ratio, zero_stage, out), nprocs=args.world, join=True,
+    mp.start_processes(_rank, args=(port, args, rule, ratio, zero_stage, out), nprocs=args.world, join=True,
                        start_method="spawn")
     ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(args.world)]
     for r in range(args.world):
@@ -128,7 +124,7 @@ def run_case(args: argparse.Namespace, ratio: float, zero_stage: int) -> dict:
     def median(key: str) -> float:
         return statistics.median(step.get(key, 0.0) for step in measured)
 
-    return {"ratio": ratio, "zero_stage": zero_stage, "rule": _rule(ratio),
+    return {"ratio": ratio, "zero_stage": zero_stage, "rule": rule,
             "kept_fraction": median("kept_fraction"), "seconds": median("seconds"),
             "statistics": median("statistics"), "gradient": median("gradient"), "optimizer": median("optimizer"),
             "peak_mib": max(r["peak_mib"] for r in ranks), "steps": [r["steps"] for r in ranks]}
@@ -138,7 +134,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pair", default="smollm2", help="a pair preset (tip_ray/conf/pair/NAME.yaml), prepared")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.2, 0.1],
-                        help="soft_or ratios below 1 (ratio 1.0, rule `all`, always runs)")
+                        help="soft_or ratios in (0, 1] (rule `all` always runs; soft_or 1.0 keeps the same tokens "
+                             "after a statistics pass)")
     parser.add_argument("--zero-stages", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the medians")
@@ -152,8 +149,8 @@ def main() -> int:
     args.tag = args.tag or args.pair
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
-    if any(not 0.0 < r < 1.0 for r in args.ratios):
-        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios} (ratio 1.0 always runs as rule `all`)")
+    if any(not 0.0 < r <= 1.0 for r in args.ratios):
+        raise SystemExit(f"--ratios must lie in (0, 1], got {args.ratios}")
     from tip_ray.cli import compose
 
     cfg = compose("train", [f"pair={args.pair}", *args.set])
@@ -166,9 +163,9 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     cases = []
     for stage in args.zero_stages:
-        for ratio in [1.0, *args.ratios]:
-            print(f"  ZeRO-{stage}, ratio {ratio} ...", file=sys.stderr, flush=True)
-            cases.append(run_case(args, ratio, stage))
+        for rule, ratio in [("all", 1.0), *(("soft_or", r) for r in args.ratios)]:
+            print(f"  ZeRO-{stage}, {rule} {ratio} ...", file=sys.stderr, flush=True)
+            cases.append(run_case(args, rule, ratio, stage))
 
     from rich.console import Console
     from rich.table import Table
@@ -180,7 +177,7 @@ def main() -> int:
                    "peak MiB", "x ratio 1 "):
         table.add_column(column, justify="right")
     for case in cases:
-        base = next(c for c in cases if c["zero_stage"] == case["zero_stage"] and c["ratio"] >= 1.0)
+        base = next(c for c in cases if c["zero_stage"] == case["zero_stage"] and c["rule"] == "all")
         table.add_row(str(case["zero_stage"]), case["rule"], f"{case['ratio']:.2f}", f"{case['kept_fraction']:.1%}",
                       f"{case['seconds']:.2f}", f"{case['seconds'] / base['seconds']:.2f}",
                       f"{case['statistics']:.2f}", f"{case['gradient']:.2f}", f"{case['optimizer']:.2f}",

@@ -129,6 +129,28 @@ def test_two_ranks_select_the_global_budget_and_match_one_rank(stage, single_for
         torch.testing.assert_close(results[1]["weights"][name], value, rtol=1e-5, atol=1e-6)
 
 
+# ZeRO-0 with one pass (the SmolLM2 pair's) in `make test`; ZeRO-3's two passes under heavy.
+@pytest.mark.parametrize(("stage", "single_forward"), [(0, True), pytest.param(3, False, marks=pytest.mark.heavy)])
+def test_all_reports_the_statistics_pass_statistics_from_its_loss(stage, single_forward, tiny_model, tmp_path):
+    # `all` takes its statistics from the loss's chunk logits (no statistics pass over the
+    # lm_head); soft_or at ratio 1.0 keeps the same tokens at weight 1 after a statistics pass.
+    # The same step, and the same statistics reported from it.
+    fused = run_group(tmp_path, tiny_model, 2, stage, {"rule": "all"}, single_forward=single_forward)
+    separate = run_group(tmp_path, tiny_model, 2, stage, {"rule": "soft_or", "ratio": 1.0},
+                         single_forward=single_forward)
+    for a, b in zip(fused, separate):
+        got, want = a["metrics"][0], b["metrics"][0]
+        assert got.kept_tokens == want.kept_tokens == got.valid_tokens
+        for field in ("loss", "entropy_mean", "entropy_kept_mean", "rkl_mean", "rkl_kept_mean"):
+            assert math.isclose(getattr(got, field), getattr(want, field), rel_tol=1e-5), field
+        assert got.quadrant_shares.keys() == want.quadrant_shares.keys()
+        for q, share in want.quadrant_shares.items():
+            assert math.isclose(got.quadrant_shares[q], share, abs_tol=1e-9), q
+        assert got.phase_seconds.keys() == want.phase_seconds.keys()
+        for name, value in b["weights"].items():
+            torch.testing.assert_close(a["weights"][name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_zero0_reports_and_clips_the_gradient_norm_as_zero1_does(tiny_model, tmp_path):
     # ZeRO-0 in fp32 steps the torch optimizer under DeepSpeed, which keeps no norm: the worker
     # measures it. A clip below the norm makes every AdamW step depend on the clipping too.

@@ -11,6 +11,9 @@ One optimizer step::
                               pass 2: lean kept-token loss -> backward, one micro-batch at a
                               time (gradient accumulation). Pass 2 reuses pass 1's hidden states
                               and graph (``learner.single_forward``) or runs the backbone again.
+                              Under the rule ``all`` with a float32 student nothing waits for the
+                              statistics: pass 1 runs the backbone alone (its finiteness check)
+                              and pass 2's loss reports them from its own lm_head chunks.
     optim_step()              clip, step, schedule
     train_step(batch)         both, in one call (what the Ray actor runs each step)
     export_weights()          the full student weights (gathered from ZeRO-3 shards; a LoRA
@@ -47,7 +50,7 @@ from tip_ray.learner.student import build_student
 from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
 from tip_ray.tip.lean import kept_token_losses
 from tip_ray.tip.lean_stats import token_stats_from_hidden
-from tip_ray.tip.select import quadrants, select_flat
+from tip_ray.tip.select import get_rule, quadrants, select_flat
 from tip_ray.tip.stats import STAT_NAMES, TokenStats
 from tip_ray.types import TrainBatch
 
@@ -67,8 +70,9 @@ class StepMetrics:
     rkl_kept_mean: float
     peak_memory_bytes: int = 0
     skipped: bool = False
-    # Wall seconds of this rank's phases: statistics (pass 1: backbone and lm_head, no gradient),
-    # selection (the global gather and the rule), gradient (the kept-token loss and the backward),
+    # Wall seconds of this rank's phases: statistics (pass 1: backbone and lm_head, no gradient;
+    # the backbone alone under `all`, whose loss reports the statistics), selection (the global
+    # gather and the rule), gradient (the kept-token loss and the backward),
     # optimizer (clip, step, schedule; filled in by train_step).
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     # The task-reward term (loss.reward) before its coefficient: sum -A log p(y) over the global
@@ -153,6 +157,11 @@ class LearnerWorker:
         # steps the torch optimizer itself and keeps no norm, so the worker measures it.
         self._measures_grad_norm = self.engine.optimizer is optimizer
         self.steps = 0
+        # Under `all` the selection reads no statistic: the kept-token loss, which runs the
+        # lm_head on every valid row anyway, reports them from its own chunk logits instead of a
+        # statistics pass over the same rows (one lm_head pass fewer). Only where both would
+        # compute the same float32 logits; a bf16 head's statistics come from its upcast copy.
+        self.fused_statistics = get_rule(selection.rule).kind == "all" and learner.dtype == "fp32"
         self.lora = learner.lora.enabled
         # What the rollout engines load, in order (a LoRA student's base weights merged as sent).
         self._served = served_tensors(self.engine.module.lm)
@@ -207,9 +216,10 @@ class LearnerWorker:
         return [batch.take(order[i : i + size]) for i in range(0, batch.size, size)]
 
     def _statistics(
-        self, micro: list[TrainBatch], keep_graph: bool
+        self, micro: list[TrainBatch], keep_graph: bool, with_stats: bool = True,
     ) -> tuple[list[TokenStats], list[torch.Tensor | None]] | None:
-        """Per-token statistics of every micro-batch, and its hidden states with their graph when
+        """Per-token statistics of every micro-batch (none without ``with_stats``: the backbone
+        and the finiteness check alone), and its hidden states with their graph when
         ``keep_graph`` (else None each: the gradient pass runs the backbone again). None on every
         rank if any rank saw NaN/inf in its hidden states or teacher log-probs (every rank still
         runs every forward: ZeRO-3 gathers parameters collectively)."""
@@ -222,6 +232,8 @@ class LearnerWorker:
             with torch.no_grad():
                 # Absent slots (-inf: a teacher with a smaller top-K) are not NaN/inf values.
                 finite = finite and bool(torch.isfinite(hidden[mask]).all()) and mb.teacher.finite_at(mask)
+                if not with_stats:  # the same on every rank: no rank gathers the head here
+                    continue
                 # Every rank enters the gather for every micro-batch (under ZeRO-3 it is a collective),
                 # whatever it then computes.
                 with self._lm_head() as (weight, bias):
@@ -247,16 +259,7 @@ class LearnerWorker:
         rank's flat weights [m_r] (in table order), all float32 or float64 on the CPU (the
         caller places the weights)."""
         sel = self.selection
-        rank, world = dist.get_rank(), dist.get_world_size()
-        per_rank = self.cfg.global_batch_size // world
-        columns, seq_offset = [], rank * per_rank
-        for i, (mb, st) in enumerate(zip(micro, stats)):
-            mask = st.mask.cpu()
-            rows = torch.arange(mb.size).unsqueeze(-1).expand_as(mask)[mask] + seq_offset + i * mb.size
-            values = torch.stack([getattr(st, n)[st.mask].double() for n in STAT_NAMES]
-                                 + [st.token_ids[st.mask].double()], 1).cpu()
-            columns.append(torch.cat([values, torch.stack([rows.double(), torch.full_like(rows, i).double()], 1)], 1))
-        local = torch.cat(columns) if columns else torch.zeros(0, len(STAT_NAMES) + 3, dtype=torch.float64)
+        local = self._local_table(micro, stats)
         everything, offset = collectives.all_gather_rows(local)
         generator = torch.Generator().manual_seed(sel.seed * 1_000_003 + self.steps)
 
@@ -284,6 +287,20 @@ class LearnerWorker:
             start += n
         return per_micro, everything, weights_flat
 
+    def _local_table(self, micro: list[TrainBatch], stats: list[TokenStats]) -> torch.Tensor:
+        """This rank's rows of the global statistics table, float64 [m_r, D] on the CPU: per valid
+        position (micro-batches in order, row-major) the ``STAT_NAMES`` columns, the token id, the
+        sequence's row in the global batch and the micro-batch index."""
+        per_rank = self.cfg.global_batch_size // dist.get_world_size()
+        columns, seq_offset = [], dist.get_rank() * per_rank
+        for i, (mb, st) in enumerate(zip(micro, stats)):
+            mask = st.mask.cpu()
+            rows = torch.arange(mb.size).unsqueeze(-1).expand_as(mask)[mask] + seq_offset + i * mb.size
+            values = torch.stack([getattr(st, n)[st.mask].double() for n in STAT_NAMES]
+                                 + [st.token_ids[st.mask].double()], 1).cpu()
+            columns.append(torch.cat([values, torch.stack([rows.double(), torch.full_like(rows, i).double()], 1)], 1))
+        return torch.cat(columns) if columns else torch.zeros(0, len(STAT_NAMES) + 3, dtype=torch.float64)
+
     def forward_backward(self, batch: TrainBatch) -> StepMetrics:
         """Statistics, global selection, and the kept-token loss's backward for this rank's batch
         (with ``loss.reward`` on, plus the task-reward term on every response token of the
@@ -294,18 +311,22 @@ class LearnerWorker:
         clock = time.perf_counter()
         batch = self.place(batch)
         micro = self._micro_batches(batch)
-        measured = self._statistics(micro, keep_graph=self.cfg.uses_single_forward)
+        fused = self.fused_statistics
+        measured = self._statistics(micro, keep_graph=self.cfg.uses_single_forward, with_stats=not fused)
         phases = {"statistics": time.perf_counter() - clock}
         if measured is None:
             # NaN/inf in the student's or the teacher's numbers: no backward, no step, on any rank.
             return dataclasses.replace(self._skipped_metrics(micro), phase_seconds=phases)
         stats, hiddens = measured
         clock = time.perf_counter()
-        weights, table, local_weights = self._select(micro, stats)
+        if fused:  # `all`: every valid token, weight 1; the statistics come with the loss
+            weights, table, local_weights = [mb.loss_mask.to(torch.float32) for mb in micro], None, None
+        else:
+            weights, table, local_weights = self._select(micro, stats)
         world = dist.get_world_size()
 
         totals = collectives.all_reduce(torch.tensor(
-            [sum(float(w.sum()) for w in weights), float(sum(int(st.mask.sum()) for st in stats)),
+            [sum(float(w.sum()) for w in weights), float(sum(int(mb.loss_mask.sum()) for mb in micro)),
              float(sum(int((w != 0).sum()) for w in weights))], dtype=torch.float64))
         denominator = float(totals[0] if self.loss_cfg.normalization == "kept" else totals[1])
 
@@ -318,13 +339,30 @@ class LearnerWorker:
             with self._lm_head() as (weight, bias):
                 # float32 weights on the engine's device: soft weights are not rounded to bf16.
                 # The reward term is a token mean over the global batch's response tokens (totals[1]).
-                losses = kept_token_losses(
-                    hidden, weight, mb.teacher, mb.targets, to_device(w, self.device, float_dtype=torch.float32),
-                    mb.loss_mask, lm_head_bias=bias,
-                    kind=self.loss_cfg.kind, beta=self.loss_cfg.beta, normalization=self.loss_cfg.normalization,
-                    denominator=denominator, chunk_rows=self.cfg.chunk_rows,
-                    advantages=mb.advantages, reward_coef=reward or 1.0, reward_denominator=float(totals[1]),
-                )
+                try:
+                    losses = kept_token_losses(
+                        hidden, weight, mb.teacher, mb.targets, to_device(w, self.device, float_dtype=torch.float32),
+                        mb.loss_mask, lm_head_bias=bias,
+                        kind=self.loss_cfg.kind, beta=self.loss_cfg.beta, normalization=self.loss_cfg.normalization,
+                        denominator=denominator, chunk_rows=self.cfg.chunk_rows,
+                        advantages=mb.advantages, reward_coef=reward or 1.0, reward_denominator=float(totals[1]),
+                        with_stats=fused, ta_k=self.cfg.ta_k, vocab_chunk=self.cfg.vocab_chunk,
+                    )
+                    error = None
+                except ValueError as exc:
+                    if not fused:
+                        raise
+                    error = str(exc)
+                if fused:
+                    # Every rank hears of bad statistics before any rank's backward reduces: the
+                    # earlier micro-batches' gradients are accumulated already, so the step cannot
+                    # be skipped as pass 1 skips it; it is refused on every rank.
+                    if error is None and not _finite_on_mask(losses.stats):
+                        error = "the student's statistics hold NaN or inf at a response position"
+                    if not collectives.all_ranks_agree(error is None):
+                        raise ValueError(f"learner rank {dist.get_rank()}: "
+                                         + (error or "another rank rejected its batch"))
+                    stats.append(losses.stats)
                 # DeepSpeed averages gradients over ranks; the world-size factor undoes it.
                 self.engine.backward(losses.loss * world, scale_wrt_gas=False)
             loss_sum += float(losses.distill)
@@ -332,6 +370,10 @@ class LearnerWorker:
             if i < len(micro) - 1:
                 self.engine.step()  # accumulation only: DeepSpeed steps at the boundary
         phases["gradient"] = time.perf_counter() - clock
+        if fused:
+            local = self._local_table(micro, stats)
+            table, _ = collectives.all_gather_rows(local)
+            local_weights = torch.ones(local.shape[0], dtype=torch.float64)
         total = collectives.all_reduce(torch.tensor([loss_sum, reward_sum], dtype=torch.float64))
         global_weights, _ = collectives.all_gather_rows(local_weights.double().unsqueeze(-1))
         metrics = self._metrics(float(total[0]), table, global_weights[:, 0] != 0, totals)

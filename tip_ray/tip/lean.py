@@ -45,6 +45,7 @@ from tip_ray.tip.lean_stats import (
     _check_chunk,
     _check_head,
     compact_buckets,
+    stats_from_logit_rows,
     token_stats_from_hidden,
 )
 from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losses_for_rows
@@ -54,7 +55,8 @@ from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, validate_student_inputs,
 from tip_ray.tip.support import first_occurrences
 
 __all__ = ["DEFAULT_LEAN_CHUNK_ROWS", "DEFAULT_LEAN_VOCAB_CHUNK", "HEAD_BLOCK_ROWS", "KeptTokenLosses",
-           "LeanLossOutput", "kept_token_loss", "kept_token_losses", "lean_distill_loss", "token_stats_from_hidden"]
+           "LeanLossOutput", "fused_stats_exact", "kept_token_loss", "kept_token_losses", "lean_distill_loss",
+           "stats_from_logit_rows", "token_stats_from_hidden"]
 
 
 def _with_policy_gradient(
@@ -147,12 +149,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     storage (``_bucketed_chunk_grad``): one float32 [chunk_rows, V] tensor per chunk.
 
     Outputs: the objective (with gradient), sum_i w_i * loss_i alone, and log p(y_i) [rows] (empty
-    without the term); the last two carry no gradient.
+    without the term); the last two carry no gradient. With a ``_StatsSink`` each chunk's
+    statistics (``stats_from_logit_rows``) are appended to it from the chunk's logits before they
+    become its gradient: the rows' statistics without a second lm_head pass.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, response_ids, topk_ids, topk_logprobs, sampled_logprobs,
-                token_weights_, pg_coefs, kind, beta, chunk_rows):
+                token_weights_, pg_coefs, kind, beta, chunk_rows, sink):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         acc = work_dtype(weight.dtype)
         grad_hidden = torch.zeros_like(hidden) if need_h else None
@@ -169,10 +173,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             rows = slice(i, i + chunk_rows)
             h = hidden[rows]
             coefs = pg_coefs[rows] if pg_coefs is not None else None
+            logits = F.linear(h, weight, bias).to(acc)
+            if sink is not None:
+                sink.chunks.append(stats_from_logit_rows(
+                    logits, response_ids[rows], topk_ids[rows], topk_logprobs[rows], sampled_logprobs[rows],
+                    ta_k=sink.ta_k, vocab_chunk=sink.vocab_chunk))
             chunk_loss, logp, grad_logits = chunk_grad(
-                F.linear(h, weight, bias).to(acc), response_ids[rows], topk_ids[rows], topk_logprobs[rows],
+                logits, response_ids[rows], topk_ids[rows], topk_logprobs[rows],
                 sampled_logprobs[rows], token_weights_[rows], kind, beta, coefs,
             )
+            del logits
             distill += chunk_loss.to(total.dtype)
             total += chunk_loss.to(total.dtype)
             if logp is not None:
@@ -206,18 +216,30 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         # .grad, so at most one cast copy of an lm_head-sized tensor is made (none in float32).
         grads = [g.mul_(grad_output.to(g.dtype)).to(dtype) if present else None
                  for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
+
+
+@dataclass
+class _StatsSink:
+    """Where ``_ChunkedHeadLoss`` leaves each chunk's statistics (``ta_k``, ``vocab_chunk`` as in
+    ``token_stats_from_hidden``): the dicts of ``stats_from_logit_rows``, in row order."""
+
+    ta_k: int
+    vocab_chunk: int
+    chunks: list[dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class KeptTokenLosses:
     """``loss``: the scalar to differentiate, distillation + ``reward_coef`` * policy gradient;
     ``distill`` and ``reward`` (the policy-gradient term before its coefficient): its two parts,
-    detached scalars (``reward`` 0 without advantages)."""
+    detached scalars (``reward`` 0 without advantages); ``stats``: with ``with_stats``, the
+    statistics [B, T] of every valid position, else None."""
 
     loss: torch.Tensor
     distill: torch.Tensor
     reward: torch.Tensor
+    stats: TokenStats | None = None
 
 
 def kept_token_losses(
@@ -237,6 +259,9 @@ def kept_token_losses(
     advantages: torch.Tensor | None = None,
     reward_coef: float = 1.0,
     reward_denominator: float | torch.Tensor | None = None,
+    with_stats: bool = False,
+    ta_k: int = DEFAULT_TA_K,
+    vocab_chunk: int = DEFAULT_LEAN_VOCAB_CHUNK,
 ) -> KeptTokenLosses:
     """The distillation loss over the positions with non-zero ``weights`` [B, T], plus, with
     ``advantages`` [B] (one per sequence), the policy-gradient term of task rewards.
@@ -251,6 +276,12 @@ def kept_token_losses(
     ``lm_head_bias``; only ``chunk_rows`` rows of logits exist at a time. Equals
     ``distill_loss_from_logits`` + ``reward_coef`` * ``policy_gradient_loss_from_logits`` on
     ``hidden @ W.T + b``.
+
+    ``with_stats`` (every valid position kept, as under the rule ``all``): also the statistics of
+    ``token_stats_from_hidden(..., ta_k=ta_k, chunk_rows=chunk_rows, vocab_chunk=vocab_chunk)``,
+    taken from the loss's own chunk logits (one lm_head pass instead of two). Only where those
+    logits are what the statistics pass would compute: the head and ``hidden`` float32 (or
+    float64); a bf16 head's statistics are taken from logits of the upcast head instead.
     """
     check_loss_options(kind, beta, normalization)
     _check_chunk(chunk_rows)
@@ -261,6 +292,17 @@ def kept_token_losses(
     if bool((weights[~mask] != 0).any()):
         raise ValueError("weights are non-zero at positions outside the mask (prompt or padding)")
     teacher.validate(batch, length, vocab, mask)
+    sink = None
+    if with_stats:
+        _check_chunk(vocab_chunk, "vocab_chunk")
+        if not fused_stats_exact(hidden.dtype, lm_head_weight.dtype,
+                                 None if lm_head_bias is None else lm_head_bias.dtype):
+            raise ValueError("with_stats needs float32 or float64 hidden states and lm_head (the statistics are "
+                             f"taken from float32 logits); got {hidden.dtype} and {lm_head_weight.dtype}")
+        if bool((weights[mask] == 0).any()):
+            raise ValueError("with_stats needs a non-zero weight at every valid position (the rule `all`): the "
+                             "statistics come from the rows the loss runs on")
+        sink = _StatsSink(ta_k, vocab_chunk, [])
     real = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     kept = weights != 0
     den = loss_denominator(weights, mask, normalization) if denominator is None else denominator
@@ -280,9 +322,16 @@ def kept_token_losses(
                                      device=hidden.device)
         if float(reward_den) > 0:
             rows = rows | (token_adv != 0)
+    if sink is not None and not torch.equal(rows, mask):
+        raise ValueError(f"with_stats needs the loss to run on every valid position; the denominator is {float(den)}")
+    work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
+
+    def joined_stats() -> TokenStats | None:
+        return None if sink is None else TokenStats.from_chunks(sink.chunks, response_ids, mask, vocab, work)
+
     if not bool(rows.any()):
         # Nothing to learn from: a zero that still joins the graph, so backward() works.
-        return KeptTokenLosses(hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0, zero, zero)
+        return KeptTokenLosses(hidden.sum() * 0.0 + lm_head_weight.sum() * 0.0, zero, zero, joined_stats())
     # The objective is divided by ``scale`` once; the reward rows' coefficients are scaled to match.
     scale = den if distill_on else torch.ones((), dtype=real, device=hidden.device)
     row_weights = weights[rows] if distill_on else torch.zeros_like(weights[rows])
@@ -291,11 +340,21 @@ def kept_token_losses(
     total, distill, logp = _ChunkedHeadLoss.apply(
         hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], teacher.topk_ids[rows],
         teacher.topk_logprobs[rows], teacher.sampled_logprobs[rows], row_weights, pg_coefs, kind, beta, chunk_rows,
+        sink,
     )
     reward = zero
     if pg_coefs is not None:
         reward = -(token_adv[rows].to(logp.dtype) * logp).sum().to(real) / reward_den
-    return KeptTokenLosses(total / scale, (distill / scale).detach() if distill_on else zero, reward.detach())
+    return KeptTokenLosses(total / scale, (distill / scale).detach() if distill_on else zero, reward.detach(),
+                           joined_stats())
+
+
+def fused_stats_exact(hidden_dtype: torch.dtype, head_dtype: torch.dtype, bias_dtype: torch.dtype | None = None) -> bool:
+    """Whether the kept-token loss's chunk logits are the logits the statistics pass computes
+    (``kept_token_losses(..., with_stats=True)`` applies): hidden states, head and bias all in one
+    float32 or float64 dtype, so neither side upcasts."""
+    dtypes = {hidden_dtype, head_dtype} | ({bias_dtype} if bias_dtype is not None else set())
+    return len(dtypes) == 1 and hidden_dtype in (torch.float32, torch.float64)
 
 
 def kept_token_loss(

@@ -11,7 +11,7 @@ are bf16: the lm_head is upcast ``HEAD_BLOCK_ROWS`` vocabulary rows at a time, n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +133,8 @@ def token_stats_from_hidden(
 def _vocab_blocks(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                   vocab_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, logits [N, stop - start]) for consecutive vocabulary blocks of ``vocab_chunk``
-    ids, on the rows' device, in ``dtype``. Their finiteness is the caller's to check
+    ids of ``rows @ weight.T + bias``, on the rows' device, in ``dtype``; each block is a fresh
+    tensor the consumer may overwrite. Their finiteness is the caller's to check
     (``_check_block_finite``)."""
     vocab = weight.shape[0]
     for start in range(0, vocab, vocab_chunk):
@@ -141,6 +142,15 @@ def _vocab_blocks(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         logits = _head_logits(rows, weight[start:stop], None if bias is None else bias[start:stop], dtype)
         yield start, logits
         del logits  # before the next block is made, not after
+
+
+def _copied_blocks(logits: torch.Tensor, dtype: torch.dtype, vocab_chunk: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``_vocab_blocks`` of logits already made ([N, V]): each block a fresh copy in ``dtype``, so
+    ``logits`` itself is never written."""
+    for start in range(0, logits.shape[-1], vocab_chunk):
+        block = logits[:, start : start + vocab_chunk].to(dtype, copy=True)
+        yield start, block
+        del block
 
 
 def _check_block_finite(*reductions: torch.Tensor) -> None:
@@ -175,18 +185,19 @@ class _VocabularyScan:
     cand_ids: torch.Tensor
 
 
-def _scan_vocabulary(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                     vocab_chunk: int, read_ids: torch.Tensor, n_cand: int, with_tail: bool) -> _VocabularyScan:
-    """One pass over the vocabulary blocks of the logits ``rows @ weight.T + bias`` (rows [N, H]):
-    an online log-sum-exp and entropy sum, the logits at ``read_ids`` [N, R], the mass outside
-    them (``with_tail``) and the running top-``n_cand`` by logit, ties to the lower id."""
-    n = rows.shape[0]
+def _scan_vocabulary(blocks: Iterator[tuple[int, torch.Tensor]], dtype: torch.dtype, read_ids: torch.Tensor,
+                     n_cand: int, with_tail: bool) -> _VocabularyScan:
+    """One pass over the vocabulary blocks of N rows' logits (``_vocab_blocks`` or
+    ``_copied_blocks``: fresh [N, W] tensors in ``dtype``, overwritten here): an online
+    log-sum-exp and entropy sum, the logits at ``read_ids`` [N, R], the mass outside them
+    (``with_tail``) and the running top-``n_cand`` by logit, ties to the lower id."""
+    n, device = read_ids.shape[0], read_ids.device
     m = z = a = tail = None
     cand_vals = cand_ids = None
-    read = torch.zeros(read_ids.shape, dtype=dtype, device=rows.device)
-    row_of = torch.arange(n, device=rows.device).unsqueeze(-1).expand_as(read_ids)
+    read = torch.zeros(read_ids.shape, dtype=dtype, device=device)
+    row_of = torch.arange(n, device=device).unsqueeze(-1).expand_as(read_ids)
     scratch = None  # exp(l - m) of every block in one buffer: no fresh [N, W] pages per block
-    for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
+    for start, logits in blocks:
         width = logits.shape[-1]
         block_max = logits.amax(-1)
         _check_block_finite(block_max)  # NaN or +inf, before the block reaches a top-k
@@ -205,7 +216,7 @@ def _scan_vocabulary(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         # [N, W] tensor.
         shifted = logits.sub_(new_m.unsqueeze(-1))
         if scratch is None:
-            scratch = torch.empty(n * width, dtype=dtype, device=rows.device)
+            scratch = torch.empty(n * width, dtype=dtype, device=device)
         e = torch.exp(shifted, out=scratch[: n * width].view(n, width))
         block_z = e.sum(-1)
         block_a = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(-1)).view(n)
@@ -234,15 +245,14 @@ def _scan_vocabulary(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return _VocabularyScan(m, z, a, tail, read, cand_vals, cand_ids)
 
 
-def _full_divergences(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                      vocab_chunk: int, m: torch.Tensor, log_z: torch.Tensor, teacher_log: torch.Tensor,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact reverse KL, forward KL and JSD(0.5) in bits [N] between the student (logits
-    ``rows @ weight.T + bias``, normalised by the scan's ``m`` and ``log_z``) and the dense
+def _full_divergences(blocks: Iterator[tuple[int, torch.Tensor]], m: torch.Tensor, log_z: torch.Tensor,
+                      teacher_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact reverse KL, forward KL and JSD(0.5) in bits [N] between the student (its logits'
+    vocabulary ``blocks``, normalised by the scan's ``m`` and ``log_z``) and the dense
     ``teacher_log`` [N, V], summed block by block (a second pass over the vocabulary)."""
-    rkl = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device)
+    rkl = torch.zeros_like(m)
     fkl, jsd = torch.zeros_like(rkl), torch.zeros_like(rkl)
-    for start, logits in _vocab_blocks(rows, weight, bias, dtype, vocab_chunk):
+    for start, logits in blocks:
         s_log = (logits - m.unsqueeze(-1)) - log_z.unsqueeze(-1)
         t_log = teacher_log[:, start : start + logits.shape[-1]]
         valid = torch.ones_like(s_log, dtype=torch.bool)
@@ -274,7 +284,51 @@ def _streamed_stats_for_rows(
     ``stats_for_rows``. Full mode (K = V) needs every log-prob of both sides for its exact
     divergences: it recomputes each block in a second pass (``_full_divergences``).
     """
-    n, vocab = rows.shape[0], weight.shape[0]
+    return _stats_from_blocks(lambda: _vocab_blocks(rows, weight, bias, dtype, vocab_chunk), weight.shape[0], dtype,
+                              response_ids, topk_ids, topk_logprobs, sampled_logprobs, ta_k)
+
+
+@torch.no_grad()
+def stats_from_logit_rows(
+    logits: torch.Tensor,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    *,
+    ta_k: int = DEFAULT_TA_K,
+    vocab_chunk: int = DEFAULT_LEAN_VOCAB_CHUNK,
+) -> dict[str, torch.Tensor]:
+    """``stats_for_rows`` of logits already made, [N, V] (left unchanged), without its [N, V]
+    temporaries: the same streamed pass as ``token_stats_from_hidden``, each block of
+    ``vocab_chunk`` ids copied out of ``logits`` instead of computed from the lm_head
+    (``vocab_chunk`` >= V: ``stats_for_rows`` on the whole rows, as there). ids [N],
+    teacher [N, K], [N, K], [N]; 1-D statistics [N] keyed by ``STAT_NAMES``, in float32 (float64
+    for float64 logits), on the logits' device. Raises if a logit is NaN or inf.
+
+    This is how the kept-token loss reports the statistics of the rows it trains on
+    (``kept_token_losses(..., with_stats=True)``), from the chunk logits it computes anyway."""
+    _check_chunk(vocab_chunk, "vocab_chunk")
+    dtype = work_dtype(logits.dtype)
+    if vocab_chunk >= logits.shape[-1]:  # as token_stats_from_hidden: the whole-row kernel
+        return stats_for_rows(logits.to(dtype), response_ids, topk_ids, topk_logprobs, sampled_logprobs, ta_k)
+    return _stats_from_blocks(lambda: _copied_blocks(logits, dtype, vocab_chunk), logits.shape[-1], dtype,
+                              response_ids, topk_ids, topk_logprobs, sampled_logprobs, ta_k)
+
+
+def _stats_from_blocks(
+    blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]],
+    vocab: int,
+    dtype: torch.dtype,
+    response_ids: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    ta_k: int,
+) -> dict[str, torch.Tensor]:
+    """The statistics of N rows from their logits' vocabulary ``blocks`` (a factory: called once,
+    twice in full mode), in ``dtype``: ``_streamed_stats_for_rows`` and ``stats_from_logit_rows``."""
+    n, device = response_ids.shape[0], response_ids.device
     full = topk_ids.shape[-1] == vocab
     k = min(ta_k, vocab)
     ids, t_ids = response_ids.long(), topk_ids.long()
@@ -282,14 +336,14 @@ def _streamed_stats_for_rows(
         # The teacher's whole distribution arrived as [N, V]: densified per block of rows, as
         # aligned_distributions does, so that its top-k and lookups are plain gathers.
         _, teacher_log, _ = aligned_distributions(
-            torch.zeros(n, vocab, dtype=dtype, device=rows.device), ids, t_ids, topk_logprobs,
+            torch.zeros(n, vocab, dtype=dtype, device=device), ids, t_ids, topk_logprobs,
             sampled_logprobs, True)
         read_ids = torch.cat([stable_topk_ids(teacher_log, k), ids.unsqueeze(-1)], dim=-1)
     else:
         read_ids = torch.cat([t_ids, ids.unsqueeze(-1)], dim=-1)
     # A few more candidates than k: the final ranking is by log-prob, where logits a rounding
     # apart can tie and the tie then goes to the lower id, as in stats_for_rows.
-    scan = _scan_vocabulary(rows, weight, bias, dtype, vocab_chunk, read_ids, min(2 * k, vocab), not full)
+    scan = _scan_vocabulary(blocks(), dtype, read_ids, min(2 * k, vocab), not full)
     log_z = scan.z.log()
     read_lp = (scan.read - scan.m.unsqueeze(-1)) - log_z.unsqueeze(-1)
     cand_lp = (scan.cand_vals - scan.m.unsqueeze(-1)) - log_z.unsqueeze(-1)
@@ -298,7 +352,7 @@ def _streamed_stats_for_rows(
     entropy = log_z - scan.a / scan.z
     sampled_lr = read_lp[:, -1] - sampled_logprobs.to(dtype)
     if full:
-        rkl, fkl, jsd = _full_divergences(rows, weight, bias, dtype, vocab_chunk, scan.m, log_z, teacher_log)
+        rkl, fkl, jsd = _full_divergences(blocks(), scan.m, log_z, teacher_log)
         t_top_ids = read_ids[:, :k]
         s_at_t_top = read_lp[:, :k]
 
