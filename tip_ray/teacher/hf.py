@@ -8,6 +8,7 @@ import torch
 
 from tip_ray.config import TeacherConfig
 from tip_ray.devices import compute_device, to_device
+from tip_ray.teacher.layout import needed_mask
 from tip_ray.tip.support import stable_topk_ids
 
 
@@ -18,6 +19,14 @@ class HFScorer:
     ``teacher.dtype`` (``auto``: the checkpoint's ``torch_dtype``), else on the CPU. The top-K is
     taken over the first ``scored_vocab`` ids (the student's rows; None: every row), from the
     log-softmax over every row.
+
+    The lm_head, log-softmax and top-K run on the positions that are scored only (a target that
+    is not padding, at or after the row's ``first_position``): a forward pre-hook on the model's
+    output embeddings hands it those rows' hidden states alone, [1, n, H], instead of every
+    position of the micro-batch. Whatever the model does to its logits after the lm_head
+    (softcapping, scaling) is elementwise and applies to them as it would to the whole batch.
+    A model whose forward does not pass its hidden states through that module once, as
+    [B, W, H], is scored the plain way (``gathers_rows`` turns false).
     """
 
     def __init__(self, cfg: TeacherConfig, scored_vocab: int | None = None) -> None:
@@ -33,6 +42,8 @@ class HFScorer:
         # transformers' causal LMs take logits_to_keep (the lm_head on the last n positions only);
         # a remote-code model without it gets every position's logits.
         self.keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.head = self.model.get_output_embeddings()
+        self.gathers_rows = isinstance(self.head, torch.nn.Module)
 
     @torch.no_grad()
     def topk(
@@ -46,11 +57,12 @@ class HFScorer:
         actual next token, all on the CPU. Each micro-batch runs on the model's device.
         Positions whose target is padding hold zeros (the caller fills them), and so may the
         positions before ``first_position`` [B]: a micro-batch's lm_head, log-softmax and top-k
-        start at the earliest first position of its rows (the backbone still reads the prompt)."""
+        run on its scored positions alone (the backbone still reads the prompt)."""
         batch, length = input_ids.shape
         ids = torch.zeros(batch, length - 1, k, dtype=torch.long)
         values = torch.zeros(batch, length - 1, k)
         sampled = torch.zeros(batch, length - 1)
+        scored = needed_mask(attention_mask, first_position)
         # Micro-batches of similar lengths, each cut to its longest row: no compute on the batch's
         # padding columns (right padding, causal attention: real positions are unchanged).
         lengths = attention_mask.sum(-1)
@@ -62,14 +74,55 @@ class HFScorer:
                 continue
             first = 0 if first_position is None or not self.keeps_logits else min(
                 int(first_position[rows].min()), width - 2)
-            tokens, mask = to_device((input_ids[rows, :width], attention_mask[rows, :width]), self.device)
-            # logits_to_keep = n: the lm_head runs on the last n positions, first .. width - 1.
-            extra = {"logits_to_keep": width - first} if self.keeps_logits else {}
-            logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits[:, :-1]
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            # The positions first .. width - 2 whose next token is scored.
+            needed = scored[rows, first : width - 1]
+            logp, targets, local_rows, columns = self._scored_logprobs(
+                input_ids[rows, :width], attention_mask[rows, :width], first, needed)
+            where = (rows if local_rows is None else rows[local_rows], columns)
             top = stable_topk_ids(logp[..., : self.scored_vocab], k)
-            targets = tokens[:, first + 1 :].clamp(0, self.vocab_size - 1)
-            ids[rows, first : width - 1] = top.cpu()
-            values[rows, first : width - 1] = logp.gather(-1, top).cpu()
-            sampled[rows, first : width - 1] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+            ids[where] = top.cpu()
+            values[where] = logp.gather(-1, top).cpu()
+            sampled[where] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
         return ids, values, sampled
+
+    def _scored_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, needed: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | slice]:
+        """One micro-batch ([b, W] on the CPU; ``needed`` [b, W - 1 - first], the positions from
+        ``first`` on to score): the fp32 log-softmax of the positions computed, on the model's
+        device, their next tokens, and where they go in the micro-batch's rows of the [B, L-1]
+        outputs: with the row gather [n, V], [n], then the rows [n] and positions [n] (CPU) of
+        the n positions to score; else [b, W - 1 - first, V], [b, W - 1 - first], None (every
+        row) and the slice of every position from ``first``."""
+        tokens, mask = to_device((input_ids, attention_mask), self.device)
+        width = tokens.shape[1]
+        # logits_to_keep = n: the lm_head runs on the last n positions, first .. width - 1.
+        extra = {"logits_to_keep": width - first} if self.keeps_logits else {}
+        if self.gathers_rows:
+            # The last kept position predicts past the sequence: never scored.
+            keep = torch.cat([needed, needed.new_zeros(needed.shape[0], 1)], dim=1).to(self.device)
+            seen: list[tuple[int, ...]] = []
+
+            def only_scored_rows(_module, args):
+                seen.append(tuple(args[0].shape[:2]))
+                if seen[-1] != tuple(keep.shape):
+                    return None  # not the [b, W, H] states this gather expects: left as they are
+                return (args[0][keep].unsqueeze(0), *args[1:])
+
+            handle = self.head.register_forward_pre_hook(only_scored_rows)
+            try:
+                logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits
+            finally:
+                handle.remove()
+            n = int(keep.sum())
+            if seen == [tuple(keep.shape)] and tuple(logits.shape[:2]) == (1, n):
+                batch_rows, positions = needed.nonzero(as_tuple=True)
+                targets = tokens[batch_rows.to(self.device), (positions + first + 1).to(self.device)]
+                return (torch.log_softmax(logits[0].float(), dim=-1), targets.clamp(0, self.vocab_size - 1),
+                        batch_rows, positions + first)
+            # The model's forward did not hand its states to the head once, as [b, W, H]: the
+            # plain path from now on (the micro-batch runs again, whole).
+            self.gathers_rows = False
+        logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits[:, :-1]
+        targets = tokens[:, first + 1 :].clamp(0, self.vocab_size - 1)
+        return torch.log_softmax(logits.float(), dim=-1), targets, None, slice(first, width - 1)
