@@ -58,9 +58,6 @@ def reference(model_dir: str, teacher_dir: str, result, prompts: list[list[int]]
     return torch.tensor(exact, dtype=torch.float64), torch.tensor(agree)
 
 
-# Heavy: 33-114 s in the suite, depending on what ran before it in the pytest process (docs/benchmarks.md
-# section 8, session 10); test_smollm2_pair's training run checks the held-out divergence metrics end to end.
-@pytest.mark.heavy
 def test_held_out_divergence_equals_forward_passes_of_student_and_teacher(tmp_path, data):
     from tip_ray.cli import compose
     from tip_ray.trainer import Trainer
