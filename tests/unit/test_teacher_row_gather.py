@@ -124,3 +124,24 @@ def test_a_model_that_does_not_feed_its_head_batch_states_is_scored_the_plain_wa
     scored = needed_mask(mask, first)
     torch.testing.assert_close(fallback.topk_logprobs[scored], plain.topk_logprobs[scored], atol=1e-5, rtol=1e-5)
     assert torch.equal(fallback.topk_ids[scored], plain.topk_ids[scored])
+
+
+def test_a_model_that_reshapes_the_heads_output_is_scored_the_plain_way(tmp_path):
+    teacher = TeacherWorker(TeacherConfig(model=_qwen3(tmp_path), top_k=8, micro_batch_size=4, dtype="float32"))
+    input_ids, mask, loss_mask = _batch(3)
+    first = first_scored_positions(loss_mask)
+    teacher.backend.gathers_rows = False
+    plain = teacher.score(input_ids, mask, first)
+    teacher.backend.gathers_rows = True
+    # A forward that views the head's output as [b, W, V] (as some remote-code models do): the
+    # gathered [1, n, V] fails there, and the micro-batch is scored again the plain way. This
+    # pre-hook runs before the scorer's, so it records the states' own [b, W].
+    recorded = []
+    head = teacher.backend.head
+    head.register_forward_pre_hook(lambda _module, args: recorded.append(tuple(args[0].shape[:2])))
+    head.register_forward_hook(lambda _module, _args, out: out.view(*recorded[-1], -1))
+    fallback = teacher.score(input_ids, mask, first)
+    assert not teacher.backend.gathers_rows
+    scored = needed_mask(mask, first)
+    torch.testing.assert_close(fallback.topk_logprobs[scored], plain.topk_logprobs[scored], atol=1e-5, rtol=1e-5)
+    assert torch.equal(fallback.topk_ids[scored], plain.topk_ids[scored])

@@ -26,7 +26,8 @@ class HFScorer:
     position of the micro-batch. Whatever the model does to its logits after the lm_head
     (softcapping, scaling) is elementwise and applies to them as it would to the whole batch.
     A model whose forward does not pass its hidden states through that module once, as
-    [B, W, H], is scored the plain way (``gathers_rows`` turns false).
+    [B, W, H], or fails on the head's [1, n, V] output (a reshape to [B, W, V], say) is scored
+    the plain way (``gathers_rows`` turns false).
     """
 
     def __init__(self, cfg: TeacherConfig, scored_vocab: int | None = None) -> None:
@@ -112,10 +113,14 @@ class HFScorer:
             handle = self.head.register_forward_pre_hook(only_scored_rows)
             try:
                 logits = self.model(input_ids=tokens, attention_mask=mask, **extra).logits
+            except RuntimeError:
+                if not seen:  # it failed before the head: not the gather's doing
+                    raise
+                logits = None  # e.g. a forward that reshapes the head's output to [b, W, V]
             finally:
                 handle.remove()
             n = int(keep.sum())
-            if seen == [tuple(keep.shape)] and tuple(logits.shape[:2]) == (1, n):
+            if logits is not None and seen == [tuple(keep.shape)] and tuple(logits.shape[:2]) == (1, n):
                 batch_rows, positions = needed.nonzero(as_tuple=True)
                 targets = tokens[batch_rows.to(self.device), (positions + first + 1).to(self.device)]
                 return (torch.log_softmax(logits[0].float(), dim=-1), targets.clamp(0, self.vocab_size - 1),
