@@ -14,6 +14,10 @@ never holds them with gradient:
    signal that gradient is derived from the loss on the K + 2 bucket masses and written over the
    chunk's logits, so the chunk holds one [chunk_rows, V] float32 tensor.
 
+When every valid token is kept (the rule ``all``) stage 1 is not needed first: with
+``with_stats`` the loss computes the statistics from each chunk's logits before they become its
+gradient (``stats_from_logit_rows``), one lm_head pass per token instead of two.
+
 With per-sequence ``advantages`` (task rewards, ``tip_ray.tip.advantages``) ``kept_token_losses`` adds
 the on-policy policy gradient -A_i log p(y_t) at every response token of sequence i: log p(y_t) is
 the sampled id's bucket less the log-sum-exp of the buckets, so the term rides on the same chunks
