@@ -27,6 +27,16 @@ def test_order_does_not_depend_on_the_input_order():
     first = order_by_logprob(ids, logprobs)
     second = order_by_logprob(ids[:, permutation], logprobs[:, permutation])
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    by_id = ids.argsort(dim=-1)  # entries already in id order skip the sort into it
+    third = order_by_logprob(ids.gather(-1, by_id), logprobs.gather(-1, by_id))
+    assert torch.equal(first[0], third[0]) and torch.equal(first[1], third[1])
+
+
+def test_a_full_distribution_in_id_order_sorts_ties_to_the_lower_id():
+    logprobs = torch.tensor([[-2.0, -1.0, -2.0, -1.0, -0.5], [-1.0, -1.0, -1.0, -3.0, -1.0]])
+    ids, values = order_by_logprob(torch.arange(5).expand(2, 5).clone(), logprobs)
+    assert ids.tolist() == [[4, 1, 3, 0, 2], [0, 1, 2, 4, 3]]
+    assert values.tolist() == [[-0.5, -1.0, -1.0, -2.0, -2.0], [-1.0, -1.0, -1.0, -1.0, -3.0]]
 
 
 def test_padding_positions_get_a_uniform_placeholder():

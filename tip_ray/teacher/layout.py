@@ -50,8 +50,11 @@ def needed_mask(attention_mask: torch.Tensor, first_position: torch.Tensor | Non
 
 def order_by_logprob(ids: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Entries [..., K] sorted by descending log-prob, ties towards the lower id (ids unique per row)."""
-    by_id = ids.argsort(dim=-1, stable=True)
-    ids, logprobs = ids.gather(-1, by_id), logprobs.gather(-1, by_id)
+    # Ties go to the lower id through a stable sort of entries in id order; rows already in id
+    # order (the hf backend's top-K, a full distribution) skip the sort into it.
+    if not bool((ids[..., 1:] > ids[..., :-1]).all()):
+        by_id = ids.argsort(dim=-1, stable=True)
+        ids, logprobs = ids.gather(-1, by_id), logprobs.gather(-1, by_id)
     order = logprobs.argsort(dim=-1, descending=True, stable=True)
     return ids.gather(-1, order), logprobs.gather(-1, order)
 

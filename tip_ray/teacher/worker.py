@@ -80,7 +80,8 @@ class TeacherWorker:
                              "must both be [B, L]")
         scored = needed_mask(attention_mask, first_position)
         ids, values, sampled = self.backend.topk(input_ids, attention_mask, self.k, first_position)
-        ids, values = order_by_logprob(ids, values)
+        # Only the scored positions are ordered: fill_padding overwrites the others.
+        ids[scored], values[scored] = order_by_logprob(ids[scored], values[scored])
         fill_padding(ids, values, sampled, scored, self.scored_vocab)
         dtype = _DTYPES[self.cfg.values_dtype]
         return TeacherSignal(ids.to(torch.int32), values.to(dtype), sampled.to(dtype))
