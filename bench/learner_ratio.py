@@ -54,7 +54,8 @@ def _overrides(args: argparse.Namespace, rule: str, ratio: float, zero_stage: in
 
 def synthetic_batch(cfg, rank: int, args: argparse.Namespace):
     """Rank ``rank``'s TrainBatch (CPU): random prompt + response ids below the student's
-    vocabulary, right-padded to one length, loss on the response, a random top-K signal."""
+    vocabulary, right-padded to one length, loss on the response, a random top-K signal (the whole
+    distribution with ``teacher.top_k=null``)."""
     import torch
 
     from tip_ray.tip.signal import TeacherSignal
@@ -68,6 +69,10 @@ def synthetic_batch(cfg, rank: int, args: argparse.Namespace):
     input_ids = torch.randint(0, vocab, (sequences, length), generator=g)
     loss_mask = torch.zeros(sequences, length - 1, dtype=torch.bool)
     loss_mask[:, prompt - 1:] = True
+    if k is None:  # teacher.top_k=null: the whole distribution, as the teacher would send it
+        logits = 2.0 * torch.randn(sequences, length - 1, vocab, generator=g)
+        signal = TeacherSignal.from_logits(logits, input_ids[:, 1:], None)
+        return TrainBatch(input_ids, torch.ones(sequences, length, dtype=torch.long), loss_mask, signal)
     positions = sequences * (length - 1)
     # distinct ids per position: the top-k of uniform noise, 128 positions at a time
     ids = torch.cat([torch.rand(min(128, positions - i), vocab, generator=g).topk(k, dim=-1).indices

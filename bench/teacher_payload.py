@@ -91,7 +91,8 @@ def measure(vocabs: list[int], sequences: int, prompt_len: int, response_len: in
                         signal = worker.score(input_ids, attention)
                         signal.validate(sequences, length - 1, vocab, mask)
                         raw = sum(t.numel() * t.element_size()
-                                  for t in (signal.topk_ids, signal.topk_logprobs, signal.sampled_logprobs))
+                                  for t in (signal.topk_ids, signal.topk_logprobs, signal.sampled_logprobs)
+                                  if t is not None)
                         b = VALUE_BYTES[dtype]
                         rows.append({
                             "vocab": vocab, "k": signal.k, "mode": "full" if k is None else f"top-{k}",

@@ -269,7 +269,10 @@ class Trainer:
         first = first_scored_positions(loss_mask)
         signal = (self.runtime.teacher.score(input_ids, attention, first) if routes is None else
                   score_routed(self.runtime.teachers, routes, input_ids, attention, first))
-        top_id = int(signal.topk_ids[loss_mask].max()) if bool(loss_mask.any()) else -1
+        if signal.topk_ids is None:  # dense: the ids are the columns
+            top_id = signal.k - 1
+        else:
+            top_id = int(signal.topk_ids[loss_mask].max()) if bool(loss_mask.any()) else -1
         if top_id >= self.student_vocab:
             raise ValueError(f"{where}: the teacher sent token id {top_id}, beyond the student's {self.student_vocab} "
                              "vocabulary rows (the teacher's embedding is padded further); use a teacher whose "

@@ -134,8 +134,8 @@ class TrainBatch:
         t = self.teacher
         return TrainBatch(
             self.input_ids[index, :width], self.attention_mask[index, :width], self.loss_mask[index, : width - 1],
-            TeacherSignal(t.topk_ids[index, : width - 1], t.topk_logprobs[index, : width - 1],
-                          t.sampled_logprobs[index, : width - 1]),
+            TeacherSignal(None if t.topk_ids is None else t.topk_ids[index, : width - 1],
+                          t.topk_logprobs[index, : width - 1], t.sampled_logprobs[index, : width - 1]),
             self.policy_version,
             advantages=None if self.advantages is None else self.advantages[index],
             group=None if self.group is None else self.group[index],

@@ -54,7 +54,7 @@ def test_bad_teacher_signal(change, match):
 
 
 def test_k_larger_than_vocab():
-    b = make_batch(vocab=13, k=None)
+    b = make_batch(vocab=13, k=13)
     wide = TeacherSignal(
         torch.cat([b.teacher.topk_ids, b.teacher.topk_ids[..., :2]], -1),
         torch.cat([b.teacher.topk_logprobs, b.teacher.topk_logprobs[..., :2]], -1),

@@ -48,7 +48,7 @@ def test_full_mode_losses_equal_the_textbook_formulas():
     t = torch.randn(5, 7, dtype=torch.float64)
     ids = torch.randint(0, 7, (5,))
     sig = TeacherSignal.from_logits(t.unsqueeze(0), ids.unsqueeze(0), None)
-    args = (s, ids, sig.topk_ids[0], sig.topk_logprobs[0], sig.sampled_logprobs[0])
+    args = (s, ids, *sig.rows(0))
     ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
     ls, lt = ps.log(), pt.log()
     torch.testing.assert_close(token_losses_for_rows(*args, kind="rkl"), (ps * (ls - lt)).sum(-1))
@@ -84,8 +84,7 @@ def test_divergence_losses_equal_the_statistics(kind, k):
     b = make_batch(vocab=31, k=k, dtype=torch.float64)
     stats = compute_token_stats(b.student_logits, b.response_ids, b.teacher, b.mask)
     per = token_losses_for_rows(
-        b.student_logits[b.mask], b.response_ids[b.mask], b.teacher.topk_ids[b.mask],
-        b.teacher.topk_logprobs[b.mask], b.teacher.sampled_logprobs[b.mask], kind,
+        b.student_logits[b.mask], b.response_ids[b.mask], *b.teacher.rows(b.mask), kind,
     )
     torch.testing.assert_close(per, getattr(stats, kind)[b.mask])
 

@@ -356,7 +356,8 @@ def test_from_logits(k, dtype):
     case = Case(11, B=2, T=4, V=V, K=V if k is None else k, dtype=dtype)
     sig = TeacherSignal.from_logits(case.teacher_logits, case.y, k=k)
     K = V if k is None else k
-    ids = sig.topk_ids.detach().cpu().numpy()
+    assert sig.dense == (k is None)  # the whole distribution: dense, the column is the id
+    ids = sig.with_ids().topk_ids.detach().cpu().numpy()
     vals = _np(sig.topk_logprobs)
     samp = _np(sig.sampled_logprobs)
     assert ids.shape == (2, 4, K) and vals.shape == (2, 4, K) and samp.shape == (2, 4)

@@ -86,10 +86,26 @@ def test_top_k_null_sends_every_student_id(teacher_path, batch):
     input_ids, attention = batch
     worker = TeacherWorker(TeacherConfig(model=teacher_path, top_k=None, student_vocab_size=STUDENT_VOCAB))
     signal = worker.score(input_ids, attention)
-    assert worker.k == STUDENT_VOCAB and signal.topk_ids.shape[-1] == STUDENT_VOCAB
+    # Dense: every student id, in id order (the column is the id).
+    assert worker.k == STUDENT_VOCAB and signal.dense and signal.k == STUDENT_VOCAB
     scored = attention[:, 1:].bool()
-    assert torch.equal(signal.topk_ids[scored].long().sort(-1).values,
-                       torch.arange(STUDENT_VOCAB).expand(int(scored.sum()), -1))
+    signal.validate(*scored.shape, STUDENT_VOCAB, scored)
+    # The same log-probs as the top-K path's with ids, put into id order.
+    listed = TeacherWorker(TeacherConfig(model=teacher_path, top_k=STUDENT_VOCAB,
+                                         student_vocab_size=STUDENT_VOCAB)).score(input_ids, attention)
+    by_id = torch.full_like(listed.topk_logprobs[scored], float("nan")).scatter_(
+        -1, listed.topk_ids[scored].long(), listed.topk_logprobs[scored])
+    torch.testing.assert_close(signal.topk_logprobs[scored], by_id)
+    torch.testing.assert_close(signal.sampled_logprobs, listed.sampled_logprobs)
+
+
+def test_a_teacher_with_fewer_rows_than_the_student_sends_its_ids(teacher_path, batch):
+    input_ids, attention = batch
+    worker = TeacherWorker(TeacherConfig(model=teacher_path, top_k=None, student_vocab_size=200))
+    signal = worker.score(input_ids, attention)
+    # Its 160 ids are a top-160 of the student's 200: not the student's whole vocabulary.
+    assert not signal.dense and signal.k == 160 and not signal.is_full(200)
+    signal.validate(*attention[:, 1:].shape, 200, attention[:, 1:].bool())
 
 
 def test_a_top_k_beyond_either_vocabulary_is_refused(teacher_path):

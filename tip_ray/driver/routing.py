@@ -49,23 +49,28 @@ def join_by_rows(parts: Sequence[tuple[str, Sequence[int], TeacherSignal]], tota
     covered = sorted(i for _, rows, _ in parts for i in rows)
     if covered != list(range(total)):
         raise ValueError(f"the teachers' rows {covered} do not cover each of range({total}) exactly once")
+    # Dense signals stay dense when every teacher sent one; beside a top-K one they get their ids.
+    if not all(signal.dense for _, _, signal in parts):
+        parts = [(name, rows, signal.with_ids()) for name, rows, signal in parts]
     first_name, _, first = parts[0]
-    shape = (int(first.topk_ids.shape[1]), max(signal.k for _, _, signal in parts))
-    kinds = (first.topk_ids.dtype, first.topk_logprobs.dtype, first.sampled_logprobs.dtype)
-    ids = torch.empty((total, *shape), dtype=kinds[0])
+    shape = (int(first.topk_logprobs.shape[1]), max(signal.k for _, _, signal in parts))
+    kinds = (None if first.dense else first.topk_ids.dtype, first.topk_logprobs.dtype, first.sampled_logprobs.dtype)
+    ids = None if first.dense else torch.empty((total, *shape), dtype=kinds[0])
     logprobs = torch.empty((total, *shape), dtype=kinds[1])
     sampled = torch.empty((total, shape[0]), dtype=kinds[2])
     for name, rows, signal in parts:
-        if tuple(signal.topk_ids.shape[:2]) != (len(rows), shape[0]):
-            raise ValueError(f"teacher {name!r} sent a signal of shape {tuple(signal.topk_ids.shape)} for {len(rows)} "
+        if tuple(signal.topk_logprobs.shape[:2]) != (len(rows), shape[0]):
+            raise ValueError(f"teacher {name!r} sent a signal of shape {tuple(signal.topk_logprobs.shape)} for {len(rows)} "
                              f"rows; teacher {first_name!r} sent [rows, T, K] = [.., {shape[0]}, {first.k}]: every "
                              "teacher must score the same positions")
-        if (signal.topk_ids.dtype, signal.topk_logprobs.dtype, signal.sampled_logprobs.dtype) != kinds:
+        if (None if signal.dense else signal.topk_ids.dtype, signal.topk_logprobs.dtype,
+                signal.sampled_logprobs.dtype) != kinds:
             raise ValueError(f"teacher {name!r} sent values of another dtype than teacher {first_name!r}: give every "
                              "teacher the same values_dtype")
         index = torch.as_tensor(list(rows), dtype=torch.long)
         signal = signal.padded_to(shape[1])
-        ids[index] = signal.topk_ids
+        if ids is not None:
+            ids[index] = signal.topk_ids
         logprobs[index] = signal.topk_logprobs
         sampled[index] = signal.sampled_logprobs
     return TeacherSignal(ids, logprobs, sampled)

@@ -120,5 +120,5 @@ def teacher_agreement(signal: TeacherSignal, input_ids: torch.Tensor, loss_mask:
     row-major order over ``loss_mask`` [B, L-1] (``signal`` [B, L-1, K], ``input_ids`` [B, L]; on
     one device, the result on it). Position t predicts ``input_ids[:, t + 1]``."""
     best = signal.topk_logprobs.argmax(-1, keepdim=True)
-    teacher_top = signal.topk_ids.gather(-1, best).squeeze(-1).long()
+    teacher_top = (best if signal.topk_ids is None else signal.topk_ids.gather(-1, best)).squeeze(-1).long()
     return (teacher_top == input_ids[:, 1:].long())[loss_mask]

@@ -123,17 +123,22 @@ def join_signals(parts: Sequence[tuple[Sequence[int], TeacherSignal]], total: in
     first = parts[0][1]
     k, dtype = first.k, first.topk_logprobs.dtype
     positions = length - 1
-    ids = torch.empty((total, positions, k), dtype=first.topk_ids.dtype)
+    dense = first.dense
+    if any(signal.dense != dense for _, signal in parts):
+        raise ValueError("the teacher shards mix dense and top-K signals: every teacher actor of a pool scores "
+                         "with the same settings")
+    ids = None if dense else torch.empty((total, positions, k), dtype=first.topk_ids.dtype)
     logprobs = torch.empty((total, positions, k), dtype=dtype)
     sampled = torch.empty((total, positions), dtype=first.sampled_logprobs.dtype)
     fill_padding(ids, logprobs, sampled, torch.zeros(total, positions, dtype=torch.bool), vocab_size)
     for rows, signal in parts:
         index = torch.tensor(list(rows), dtype=torch.long)
-        width = signal.topk_ids.shape[1]
-        if signal.k != k or width > positions or signal.topk_ids.shape[0] != len(rows):
-            raise ValueError(f"a teacher shard of shape {tuple(signal.topk_ids.shape)} does not fit "
+        width = signal.topk_logprobs.shape[1]
+        if signal.k != k or width > positions or signal.topk_logprobs.shape[0] != len(rows):
+            raise ValueError(f"a teacher shard of shape {tuple(signal.topk_logprobs.shape)} does not fit "
                              f"{len(rows)} rows x at most {positions} positions x K={k}")
-        ids[index, :width] = signal.topk_ids
+        if ids is not None:
+            ids[index, :width] = signal.topk_ids
         logprobs[index, :width] = signal.topk_logprobs
         sampled[index, :width] = signal.sampled_logprobs
     return TeacherSignal(ids, logprobs, sampled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
 
 import torch
 
@@ -63,6 +64,35 @@ class HFScorer:
         ids = torch.zeros(batch, length - 1, k, dtype=torch.long)
         values = torch.zeros(batch, length - 1, k)
         sampled = torch.zeros(batch, length - 1)
+        for where, logp, targets in self._micro_batches(input_ids, attention_mask, first_position):
+            top = stable_topk_ids(logp[..., : self.scored_vocab], k)
+            ids[where] = top.cpu()
+            values[where] = logp.gather(-1, top).cpu()
+            sampled[where] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        return ids, values, sampled
+
+    @torch.no_grad()
+    def logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``topk`` for the whole distribution, dense: fp32 log-probs [B, L-1, scored_vocab] of every
+        id in id order (no ids, no sort) and of the actual next token [B, L-1], on the CPU; zeros
+        where ``topk`` leaves them."""
+        batch, length = input_ids.shape
+        values = torch.zeros(batch, length - 1, self.scored_vocab)
+        sampled = torch.zeros(batch, length - 1)
+        for where, logp, targets in self._micro_batches(input_ids, attention_mask, first_position):
+            values[where] = logp[..., : self.scored_vocab].cpu()
+            sampled[where] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        return values, sampled
+
+    def _micro_batches(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_position: torch.Tensor | None,
+    ) -> Iterator[tuple[tuple[torch.Tensor, torch.Tensor | slice], torch.Tensor, torch.Tensor]]:
+        """Per micro-batch: (where its scored positions go in the [B, L-1] outputs, their fp32
+        log-softmax [..., V] and next tokens [...] on the model's device), from
+        ``_scored_logprobs``."""
+        batch = input_ids.shape[0]
         scored = needed_mask(attention_mask, first_position)
         # Micro-batches of similar lengths, each cut to its longest row: no compute on the batch's
         # padding columns (right padding, causal attention: real positions are unchanged).
@@ -79,12 +109,7 @@ class HFScorer:
             needed = scored[rows, first : width - 1]
             logp, targets, local_rows, columns = self._scored_logprobs(
                 input_ids[rows, :width], attention_mask[rows, :width], first, needed)
-            where = (rows if local_rows is None else rows[local_rows], columns)
-            top = stable_topk_ids(logp[..., : self.scored_vocab], k)
-            ids[where] = top.cpu()
-            values[where] = logp.gather(-1, top).cpu()
-            sampled[where] = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
-        return ids, values, sampled
+            yield (rows if local_rows is None else rows[local_rows], columns), logp, targets
 
     def _scored_logprobs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, needed: torch.Tensor,

@@ -72,13 +72,14 @@ def padding_logprob(vocab_size: int) -> float:
 
 
 def fill_padding(
-    ids: torch.Tensor, logprobs: torch.Tensor, sampled: torch.Tensor, scored: torch.Tensor, vocab_size: int
+    ids: torch.Tensor | None, logprobs: torch.Tensor, sampled: torch.Tensor, scored: torch.Tensor, vocab_size: int
 ) -> None:
-    """In place: at positions where ``scored`` [B, T] is False, ids [B, T, K] become 0..K-1 and
-    every log-prob (``logprobs`` [B, T, K], ``sampled`` [B, T]) ``padding_logprob(vocab_size)``."""
+    """In place: at positions where ``scored`` [B, T] is False, ids [B, T, K] become 0..K-1 (None:
+    a dense signal's, which are its columns already) and every log-prob (``logprobs`` [B, T, K],
+    ``sampled`` [B, T]) ``padding_logprob(vocab_size)``."""
     pad = ~scored
-    k = ids.shape[-1]
-    ids[pad] = torch.arange(k, dtype=ids.dtype, device=ids.device)
+    if ids is not None:
+        ids[pad] = torch.arange(ids.shape[-1], dtype=ids.dtype, device=ids.device)
     uniform = padding_logprob(vocab_size)
     logprobs[pad] = uniform
     sampled[pad] = uniform

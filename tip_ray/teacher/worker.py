@@ -44,6 +44,12 @@ class TeacherWorker:
             from tip_ray.teacher.hf import HFScorer
 
             self.backend = HFScorer(cfg, self.scored_vocab)
+        # The whole distribution goes dense from the hf backend (the column is the id: no ids, no
+        # sort) when it covers every student id; vLLM's prompt log-probs arrive as (id, log-prob)
+        # lists and keep their ids, and so does a teacher with fewer rows than the student (its
+        # every id is then a top-K of the student's vocabulary).
+        self.dense = (cfg.top_k is None and cfg.backend == "hf"
+                      and self.scored_vocab == (cfg.student_vocab_size or self.scored_vocab))
 
     @property
     def k(self) -> int:
@@ -67,7 +73,8 @@ class TeacherWorker:
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               first_position: torch.Tensor | None = None) -> TeacherSignal:
-        """Signal [B, L-1, K] for right-padded sequences ``input_ids``/``attention_mask`` [B, L].
+        """Signal [B, L-1, K] for right-padded sequences ``input_ids``/``attention_mask`` [B, L];
+        dense (every scored id in id order, no ids) when ``top_k`` is null on the hf backend.
 
         Position t holds the teacher's log-probs for the token at t+1 (the student's sample),
         over ids below ``scored_vocab`` only; positions whose token t+1 is padding hold ids 0..K-1
@@ -79,9 +86,13 @@ class TeacherWorker:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                              "must both be [B, L]")
         scored = needed_mask(attention_mask, first_position)
+        dtype = _DTYPES[self.cfg.values_dtype]
+        if self.dense:
+            values, sampled = self.backend.logprobs(input_ids, attention_mask, first_position)
+            fill_padding(None, values, sampled, scored, self.scored_vocab)
+            return TeacherSignal(None, values.to(dtype), sampled.to(dtype))
         ids, values, sampled = self.backend.topk(input_ids, attention_mask, self.k, first_position)
         # Only the scored positions are ordered: fill_padding overwrites the others.
         ids[scored], values[scored] = order_by_logprob(ids[scored], values[scored])
         fill_padding(ids, values, sampled, scored, self.scored_vocab)
-        dtype = _DTYPES[self.cfg.values_dtype]
         return TeacherSignal(ids.to(torch.int32), values.to(dtype), sampled.to(dtype))

@@ -56,7 +56,7 @@ from tip_ray.tip.losses import check_loss_options, loss_denominator, token_losse
 from tip_ray.tip.select import Direction, Scope, token_weights
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.stats import DEFAULT_TA_K, TokenStats, validate_student_inputs, work_dtype
-from tip_ray.tip.support import first_occurrences
+from tip_ray.tip.support import first_occurrences, full_teacher_log, ids_at
 
 __all__ = ["DEFAULT_LEAN_CHUNK_ROWS", "DEFAULT_LEAN_VOCAB_CHUNK", "HEAD_BLOCK_ROWS", "KeptTokenLosses",
            "LeanLossOutput", "fused_stats_exact", "kept_token_loss", "kept_token_losses", "lean_distill_loss",
@@ -94,6 +94,42 @@ def _autograd_chunk_grad(
         objective, logp = _with_policy_gradient(chunk_loss, logits, response_ids.long(), pg_coefs)
         (grad_logits,) = torch.autograd.grad(objective, logits)
     return chunk_loss.detach(), logp, grad_logits
+
+
+def _full_chunk_grad(
+    logits: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor,
+    sampled_logprobs: torch.Tensor, weights: torch.Tensor, kind: str, beta: float,
+    pg_coefs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``_autograd_chunk_grad`` for a full-distribution signal (ids [N, V] or None: dense) and the
+    losses ``rkl`` and ``fkl``, in closed form in the storage of ``logits`` [N, V] (overwritten;
+    float32 or float64) beside two more [N, V] tensors (the student's and the teacher's
+    probabilities), against several of them under autograd.
+
+    With s = log p the student's log-softmax and t the teacher's renormalised log-probs:
+    rkl = sum_j p_j (s_j - t_j), d rkl / d l_k = p_k (s_k - t_k - rkl); fkl = sum_j q_j (t_j - s_j),
+    d fkl / d l_k = p_k sum_j q_j - q_k (q = e^t); the policy-gradient term -c log p(y) adds
+    c (p_k - [k = y]). Where ``kl_over`` would drop a slot (p_j = 0 in rkl, q_j = 0 in fkl) the
+    term is 0 here as well: p_j > 0 for finite logits, and q_j = 0 makes q_j (t_j - s_j) and q_j 0."""
+    teacher = full_teacher_log(topk_ids, topk_logprobs, logits.shape[-1], logits.dtype)
+    s = logits.sub_(torch.logsumexp(logits, -1, keepdim=True))  # the student's log-probs, in place
+    ids = response_ids.long().unsqueeze(-1)
+    logp = s.gather(-1, ids).squeeze(-1) if pg_coefs is not None else None
+    p = s.exp()
+    w = weights.to(s.dtype).unsqueeze(-1)
+    if kind == "rkl":
+        diff = s.sub_(teacher)  # s - t, in place
+        per_token = torch.linalg.vecdot(p, diff)
+        grad = diff.sub_(per_token.unsqueeze(-1)).mul_(p).mul_(w)
+    else:
+        q = teacher.exp()
+        # q (t - s), 0 where q = 0 (t = -inf): kl_over's 0 log 0 = 0.
+        per_token = torch.linalg.vecdot(q, teacher.sub_(s).masked_fill_(q == 0, 0.0))
+        grad = torch.mul(p, q.sum(-1, keepdim=True), out=s).sub_(q).mul_(w)
+    if pg_coefs is not None:
+        c = pg_coefs.to(s.dtype).unsqueeze(-1)
+        grad.add_(p.mul_(c)).scatter_add_(-1, ids, -c)
+    return (per_token * weights.to(per_token.dtype)).sum().detach(), logp, grad
 
 
 def _bucketed_chunk_grad(
@@ -171,8 +207,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         logps = []
         # The bucketed gradient needs at least one id outside the support (K teacher ids + the
         # sampled one); full mode and vocabularies that small take the autograd path.
-        bucketed = topk_ids.shape[-1] + 1 < weight.shape[0]
-        chunk_grad = _bucketed_chunk_grad if bucketed else _autograd_chunk_grad
+        bucketed = topk_ids is not None and topk_ids.shape[-1] + 1 < weight.shape[0]
+        closed_form = not bucketed and topk_logprobs.shape[-1] == weight.shape[0] and kind in ("rkl", "fkl")
+        chunk_grad = _bucketed_chunk_grad if bucketed else _full_chunk_grad if closed_form else _autograd_chunk_grad
         for i in range(0, hidden.shape[0], chunk_rows):
             rows = slice(i, i + chunk_rows)
             h = hidden[rows]
@@ -180,10 +217,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             logits = F.linear(h, weight, bias).to(acc)
             if sink is not None:
                 sink.chunks.append(stats_from_logit_rows(
-                    logits, response_ids[rows], topk_ids[rows], topk_logprobs[rows], sampled_logprobs[rows],
+                    logits, response_ids[rows], ids_at(topk_ids, rows), topk_logprobs[rows], sampled_logprobs[rows],
                     ta_k=sink.ta_k, vocab_chunk=sink.vocab_chunk))
             chunk_loss, logp, grad_logits = chunk_grad(
-                logits, response_ids[rows], topk_ids[rows], topk_logprobs[rows],
+                logits, response_ids[rows], ids_at(topk_ids, rows), topk_logprobs[rows],
                 sampled_logprobs[rows], token_weights_[rows], kind, beta, coefs,
             )
             del logits
@@ -342,8 +379,7 @@ def kept_token_losses(
     if token_adv is not None and float(reward_den) > 0:
         pg_coefs = token_adv[rows] * (reward_coef * scale / reward_den)
     total, distill, logp = _ChunkedHeadLoss.apply(
-        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], teacher.topk_ids[rows],
-        teacher.topk_logprobs[rows], teacher.sampled_logprobs[rows], row_weights, pg_coefs, kind, beta, chunk_rows,
+        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], *teacher.rows(rows), row_weights, pg_coefs, kind, beta, chunk_rows,
         sink,
     )
     reward = zero

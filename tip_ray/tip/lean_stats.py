@@ -28,7 +28,10 @@ from tip_ray.tip.stats import (
 )
 from tip_ray.tip.support import (
     aligned_distributions,
+    full_divergences,
+    full_teacher_log,
     generalized_jsd_over,
+    ids_at,
     kl_over,
     stable_topk_ids,
     teacher_logprob_lookup,
@@ -112,13 +115,11 @@ def token_stats_from_hidden(
     rows = hidden[mask]
     if not bool(torch.isfinite(rows).all()):
         raise ValueError("hidden states hold NaN or inf at a response position")
-    ids, t_ids, t_lp, t_samp = (
-        response_ids[mask], teacher.topk_ids[mask], teacher.topk_logprobs[mask], teacher.sampled_logprobs[mask]
-    )
+    ids, (t_ids, t_lp, t_samp) = response_ids[mask], teacher.rows(mask)
     work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
     chunks = []
     for i in range(0, rows.shape[0], chunk_rows):
-        part = (ids[i : i + chunk_rows], t_ids[i : i + chunk_rows], t_lp[i : i + chunk_rows],
+        part = (ids[i : i + chunk_rows], ids_at(t_ids, slice(i, i + chunk_rows)), t_lp[i : i + chunk_rows],
                 t_samp[i : i + chunk_rows], ta_k)
         if vocab_chunk >= vocab:
             logits = _head_logits(rows[i : i + chunk_rows], lm_head_weight, lm_head_bias, work)
@@ -253,13 +254,12 @@ def _full_divergences(blocks: Iterator[tuple[int, torch.Tensor]], m: torch.Tenso
     rkl = torch.zeros_like(m)
     fkl, jsd = torch.zeros_like(rkl), torch.zeros_like(rkl)
     for start, logits in blocks:
-        s_log = (logits - m.unsqueeze(-1)) - log_z.unsqueeze(-1)
-        t_log = teacher_log[:, start : start + logits.shape[-1]]
-        valid = torch.ones_like(s_log, dtype=torch.bool)
-        rkl += kl_over(s_log, t_log, valid)
-        fkl += kl_over(t_log, s_log, valid)
-        jsd += generalized_jsd_over(s_log, t_log, valid, 0.5)
-        del logits, s_log, valid
+        s_log = logits.sub_(m.unsqueeze(-1)).sub_(log_z.unsqueeze(-1))  # a block of its own
+        block = full_divergences(s_log, teacher_log[:, start : start + logits.shape[-1]])
+        rkl += block[0]
+        fkl += block[1]
+        jsd += block[2]
+        del logits, s_log, block
     return rkl.clamp(min=0), fkl.clamp(min=0), (jsd / math.log(2)).clamp(0, 1)
 
 
@@ -270,7 +270,7 @@ def _streamed_stats_for_rows(
     dtype: torch.dtype,
     vocab_chunk: int,
     response_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     ta_k: int,
@@ -292,7 +292,7 @@ def _streamed_stats_for_rows(
 def stats_from_logit_rows(
     logits: torch.Tensor,
     response_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     *,
@@ -321,23 +321,21 @@ def _stats_from_blocks(
     vocab: int,
     dtype: torch.dtype,
     response_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     ta_k: int,
 ) -> dict[str, torch.Tensor]:
     """The statistics of N rows from their logits' vocabulary ``blocks`` (a factory: called once,
     twice in full mode), in ``dtype``: ``_streamed_stats_for_rows`` and ``stats_from_logit_rows``."""
-    n, device = response_ids.shape[0], response_ids.device
-    full = topk_ids.shape[-1] == vocab
+    full = topk_ids is None or topk_ids.shape[-1] == vocab
     k = min(ta_k, vocab)
-    ids, t_ids = response_ids.long(), topk_ids.long()
+    ids, t_ids = response_ids.long(), None if topk_ids is None else topk_ids.long()
     if full:
-        # The teacher's whole distribution arrived as [N, V]: densified per block of rows, as
-        # aligned_distributions does, so that its top-k and lookups are plain gathers.
-        _, teacher_log, _ = aligned_distributions(
-            torch.zeros(n, vocab, dtype=dtype, device=device), ids, t_ids, topk_logprobs,
-            sampled_logprobs, True)
+        # The teacher's whole distribution arrived as [N, V]: densified per block of rows (a
+        # dense signal already is), as aligned_distributions does, so that its top-k and lookups
+        # are plain gathers.
+        teacher_log = full_teacher_log(t_ids, topk_logprobs, vocab, dtype)
         read_ids = torch.cat([stable_topk_ids(teacher_log, k), ids.unsqueeze(-1)], dim=-1)
     else:
         read_ids = torch.cat([t_ids, ids.unsqueeze(-1)], dim=-1)

@@ -39,13 +39,14 @@ def check_loss_options(kind: str, beta: float, normalization: str) -> None:
 def token_losses_for_rows(
     logits: torch.Tensor,
     response_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     kind: str = "rkl",
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """Per-position loss [N] with gradient for N rows: logits [N, V], ids [N], teacher rows."""
+    """Per-position loss [N] with gradient for N rows: logits [N, V], ids [N], teacher rows ([N, K]
+    ids, None for a dense signal; [N, K] log-probs; [N])."""
     logp = torch.log_softmax(logits.to(work_dtype(logits.dtype)), dim=-1)
     if kind in ("k1", "k3"):
         student = logp.gather(-1, response_ids.long().unsqueeze(-1)).squeeze(-1)
@@ -56,7 +57,7 @@ def token_losses_for_rows(
             return surrogate - surrogate.detach() + advantage
         log_ratio = teacher - student
         return torch.exp(log_ratio) - log_ratio - 1.0
-    full = topk_ids.shape[-1] == logits.shape[-1]
+    full = topk_ids is None or topk_ids.shape[-1] == logits.shape[-1]
     s_log, t_log, valid = aligned_distributions(logp, response_ids, topk_ids, topk_logprobs, sampled_logprobs, full)
     if kind == "rkl":
         return kl_over(s_log, t_log, valid)
@@ -119,10 +120,7 @@ def distill_loss_from_logits(
     teacher.validate(batch, length, vocab, mask)
     if weights is None:
         weights = mask.to(work_dtype(student_logits.dtype))
-    per_valid = token_losses_for_rows(
-        student_logits[mask], response_ids[mask], teacher.topk_ids[mask], teacher.topk_logprobs[mask],
-        teacher.sampled_logprobs[mask], kind, beta,
-    )
+    per_valid = token_losses_for_rows(student_logits[mask], response_ids[mask], *teacher.rows(mask), kind, beta)
     return reduce_token_loss(per_valid, weights[mask], mask, normalization, denominator)
 
 

@@ -9,6 +9,12 @@ K_i < K tokens fills its last K - K_i slots with *absent* slots, which repeat th
 with log-prob -inf (``ABSENT_LOGPROB``). An absent slot is no outcome: every consumer
 (``tip_ray.tip.support``, the statistics, the losses) reads the row as its own K_i signal.
 Only top-K signals hold absent slots (K < V); a full-distribution signal never does.
+
+A full distribution travels *dense* (``topk_ids`` None): ``topk_logprobs`` [B, T, V] holds the
+log-prob of every id, in id order (the column is the id). It is the same outcome set as a K = V
+signal with ids, at half the payload, with no sort in the teacher and no scatter in the learner.
+Row-level functions (``tip_ray.tip.support``, the statistics, the losses) take its ``topk_ids``
+as None too.
 """
 
 from __future__ import annotations
@@ -27,29 +33,52 @@ ABSENT_LOGPROB = float("-inf")
 class TeacherSignal:
     """Teacher log-probs for every response position.
 
-    Shapes: ``topk_ids`` int [B, T, K], ``topk_logprobs`` float [B, T, K],
-    ``sampled_logprobs`` float [B, T] (the teacher's log-prob of the student's sampled token).
+    Shapes: ``topk_ids`` int [B, T, K] or None (dense: K = V and the column is the id),
+    ``topk_logprobs`` float [B, T, K], ``sampled_logprobs`` float [B, T] (the teacher's log-prob
+    of the student's sampled token).
     Positions outside the response mask may hold anything finite (absent slots aside); they are
     never read. A slot j > 0 whose id repeats slot 0's and whose log-prob is -inf is absent (see
     the module doc).
     """
 
-    topk_ids: torch.Tensor
+    topk_ids: torch.Tensor | None
     topk_logprobs: torch.Tensor
     sampled_logprobs: torch.Tensor
 
     @property
     def k(self) -> int:
         """Number of teacher tokens sent per position."""
-        return int(self.topk_ids.shape[-1])
+        return int(self.topk_logprobs.shape[-1])
+
+    @property
+    def dense(self) -> bool:
+        """True for a dense full distribution (no ids: the column of ``topk_logprobs`` is the id)."""
+        return self.topk_ids is None
 
     def is_full(self, vocab_size: int) -> bool:
         """True when the signal carries the teacher's whole distribution (K == V)."""
         return self.k == vocab_size
 
+    def rows(self, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(ids [N, K] or None when dense, log-probs [N, K], sampled log-probs [N]) at the N
+        positions where ``mask`` [B, T] (bool, or an index into B) selects, on the signal's device."""
+        ids = None if self.topk_ids is None else self.topk_ids[mask]
+        return ids, self.topk_logprobs[mask], self.sampled_logprobs[mask]
+
+    def with_ids(self) -> TeacherSignal:
+        """This signal with explicit ids: a dense one gets ids 0..V-1 in id order at every position
+        (int32; for joining it with top-K signals), any other is returned as it is."""
+        if self.topk_ids is not None:
+            return self
+        ids = torch.arange(self.k, dtype=torch.int32, device=self.topk_logprobs.device)
+        return TeacherSignal(ids.expand(self.topk_logprobs.shape).contiguous(), self.topk_logprobs,
+                             self.sampled_logprobs)
+
     def absent_slots(self) -> torch.Tensor:
         """Bool [B, T, K], on the signal's device: True at the absent slots (j > 0, the id of slot
-        0, log-prob -inf) that pad a row scored with fewer than K tokens."""
+        0, log-prob -inf) that pad a row scored with fewer than K tokens (none in a dense signal)."""
+        if self.topk_ids is None:
+            return torch.zeros(self.topk_logprobs.shape, dtype=torch.bool, device=self.topk_logprobs.device)
         absent = (self.topk_logprobs == ABSENT_LOGPROB) & (self.topk_ids == self.topk_ids[..., :1])
         absent[..., 0] = False
         return absent
@@ -57,8 +86,12 @@ class TeacherSignal:
     def finite_at(self, mask: torch.Tensor) -> bool:
         """Whether every log-prob at the positions where ``mask`` [B, T] is True is finite, absent
         slots aside."""
+        if not bool(torch.isfinite(self.sampled_logprobs[mask]).all()):
+            return False
+        if self.topk_ids is None:
+            return bool(torch.isfinite(self.topk_logprobs[mask]).all())
         lps = self.topk_logprobs.masked_fill(self.absent_slots(), 0.0)
-        return bool(torch.isfinite(lps[mask]).all()) and bool(torch.isfinite(self.sampled_logprobs[mask]).all())
+        return bool(torch.isfinite(lps[mask]).all())
 
     def padded_to(self, k: int) -> TeacherSignal:
         """This signal [B, T, K] widened to [B, T, k] (k >= K) by absent slots (the module doc); the
@@ -67,6 +100,8 @@ class TeacherSignal:
             raise ValueError(f"cannot pad a signal of K = {self.k} to {k} slots")
         if k == self.k:
             return self
+        if self.topk_ids is None:
+            raise ValueError(f"a dense full-distribution signal (K = {self.k}) cannot be padded to {k} slots")
         extra = k - self.k
         ids = torch.cat([self.topk_ids, self.topk_ids[..., :1].expand(*self.topk_ids.shape[:-1], extra)], -1)
         lps = torch.cat([self.topk_logprobs, self.topk_logprobs.new_full((*self.topk_logprobs.shape[:-1], extra),
@@ -94,7 +129,8 @@ class TeacherSignal:
     ) -> TeacherSignal:
         """Build the signal from full teacher logits [B, T, V] (temperature 1).
 
-        ``k=None`` keeps the whole distribution (full mode); otherwise the top-k tokens.
+        ``k=None`` keeps the whole distribution, dense (full mode); ``k = V`` keeps it with ids in
+        descending log-prob (ties to the lower id); otherwise the top-k tokens.
         ``response_ids`` [B, T] are the student's sampled tokens; ids outside [0, V) (padding)
         get a sampled log-prob of 0.
         """
@@ -102,7 +138,9 @@ class TeacherSignal:
             raise ValueError(f"teacher_logits must be [B, T, V], got shape {tuple(teacher_logits.shape)}")
         vocab = teacher_logits.shape[-1]
         logprobs = torch.log_softmax(teacher_logits.float() if teacher_logits.dtype in (torch.float16, torch.bfloat16) else teacher_logits, dim=-1)
-        if k is None or k == vocab:
+        if k is None:
+            values, ids = logprobs, None
+        elif k == vocab:
             values, ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
         else:
             if not 0 < k <= vocab:
@@ -112,45 +150,59 @@ class TeacherSignal:
         sampled = logprobs.gather(-1, safe_ids.unsqueeze(-1)).squeeze(-1)
         sampled = torch.where((response_ids >= 0) & (response_ids < vocab), sampled, torch.zeros_like(sampled))
         dtype = values_dtype or values.dtype
-        return cls(topk_ids=ids.to(torch.int32), topk_logprobs=values.to(dtype), sampled_logprobs=sampled.to(dtype))
+        return cls(topk_ids=None if ids is None else ids.to(torch.int32), topk_logprobs=values.to(dtype),
+                   sampled_logprobs=sampled.to(dtype))
 
     def validate(self, batch: int, length: int, vocab_size: int, mask: torch.Tensor | None = None) -> None:
         """Raise ValueError naming the field if shapes, ids or values are unusable.
 
-        Checks shapes against [batch, length, K], K <= vocab_size, ids in [0, vocab_size) and
-        finite log-probs <= 0 at the positions where ``mask`` [B, T] is True (all if None), absent
-        slots aside (top-K signals only: a full one, K = vocab_size, holds none).
+        Checks shapes against [batch, length, K], K <= vocab_size (K = vocab_size when dense), ids
+        in [0, vocab_size) and finite log-probs <= 0 at the positions where ``mask`` [B, T] is
+        True (all if None), absent slots aside (top-K signals only: a full one, K = vocab_size,
+        holds none), and at most a probability mass of 1 per position.
         """
         ids, lps, samp = self.topk_ids, self.topk_logprobs, self.sampled_logprobs
-        if ids.dim() != 3:
-            raise ValueError(f"teacher.topk_ids must be [B, T, K], got shape {tuple(ids.shape)}")
-        if tuple(lps.shape) != tuple(ids.shape):
+        if lps.dim() != 3:
+            raise ValueError(f"teacher.topk_logprobs must be [B, T, K], got shape {tuple(lps.shape)}")
+        if ids is not None and tuple(lps.shape) != tuple(ids.shape):
             raise ValueError(
                 f"teacher.topk_logprobs shape {tuple(lps.shape)} differs from teacher.topk_ids shape {tuple(ids.shape)}"
             )
-        if tuple(ids.shape[:2]) != (batch, length):
+        if tuple(lps.shape[:2]) != (batch, length):
             raise ValueError(
-                f"teacher signal covers [B, T] = {tuple(ids.shape[:2])} but the student has {(batch, length)}"
+                f"teacher signal covers [B, T] = {tuple(lps.shape[:2])} but the student has {(batch, length)}"
             )
         if tuple(samp.shape) != (batch, length):
             raise ValueError(f"teacher.sampled_logprobs must be [B, T] = {(batch, length)}, got {tuple(samp.shape)}")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if ids is not None and (ids.dtype.is_floating_point or ids.dtype == torch.bool):
             raise ValueError(f"teacher.topk_ids must be an integer tensor, got {ids.dtype}")
         if not lps.dtype.is_floating_point or not samp.dtype.is_floating_point:
             raise ValueError("teacher.topk_logprobs and teacher.sampled_logprobs must be floating point")
         if self.k < 1 or self.k > vocab_size:
             raise ValueError(f"teacher top-K = {self.k} must be in [1, vocab_size = {vocab_size}]")
-        sel = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=ids.device)
+        if ids is None and self.k != vocab_size:
+            raise ValueError(f"a dense teacher signal holds every id of the vocabulary: {self.k} log-probs per "
+                             f"position for a student of {vocab_size} ids")
+        sel = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=lps.device)
         if not bool(sel.any()):
+            return
+        if ids is None:
+            self._validate_values(lps[sel], samp[sel], None)
             return
         absent = self.absent_slots()[sel]
         if self.k == vocab_size and bool(absent.any()):
             raise ValueError("teacher.topk_logprobs holds absent slots (-inf) in a full-distribution signal "
                              "(K = vocab_size): only top-K signals may be padded")
-        v_ids, v_lps, v_samp = ids[sel], lps[sel].masked_fill(absent, 0.0), samp[sel]
+        v_ids = ids[sel]
         if bool(((v_ids < 0) | (v_ids >= vocab_size)).any()):
             bad = v_ids[(v_ids < 0) | (v_ids >= vocab_size)][0].item()
             raise ValueError(f"teacher.topk_ids holds id {bad}, outside the vocabulary [0, {vocab_size})")
+        self._validate_values(lps[sel].masked_fill(absent, 0.0), samp[sel], absent)
+
+    @staticmethod
+    def _validate_values(v_lps: torch.Tensor, v_samp: torch.Tensor, absent: torch.Tensor | None) -> None:
+        """The value checks of ``validate`` on the selected rows: log-probs [N, K] (absent slots
+        zeroed, ``absent`` [N, K]; None for a dense signal) and sampled log-probs [N]."""
         for name, values in (("teacher.topk_logprobs", v_lps), ("teacher.sampled_logprobs", v_samp)):
             if not bool(torch.isfinite(values).all()):
                 raise ValueError(f"{name} holds NaN or inf at a response position")
@@ -159,7 +211,11 @@ class TeacherSignal:
                     f"{name} holds values > 0 (max {values.max().item():.4g}): these are not log-probabilities"
                     " (logits passed by mistake?)"
                 )
-        mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
+        if absent is None:
+            # A dense row's mass by log-sum-exp, in float32: no float64 copy of [N, V].
+            mass = torch.logsumexp(v_lps.to(torch.promote_types(v_lps.dtype, torch.float32)), -1).exp()
+        else:
+            mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
         if bool((mass > 1.0 + 1e-2).any()):
             raise ValueError(
                 f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"

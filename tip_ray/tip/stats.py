@@ -16,7 +16,9 @@ from tip_ray.tip.signal import TeacherSignal
 from tip_ray.tip.support import (
     aligned_distributions,
     first_occurrences,
+    full_divergences,
     generalized_jsd_over,
+    ids_at,
     kl_over,
     stable_topk_ids,
     teacher_logprob_lookup,
@@ -116,28 +118,32 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 def stats_for_rows(
     logits: torch.Tensor,
     response_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     ta_k: int = DEFAULT_TA_K,
 ) -> dict[str, torch.Tensor]:
-    """Statistics for N valid positions: logits [N, V], ids [N], teacher [N, K], [N, K], [N].
+    """Statistics for N valid positions: logits [N, V], ids [N], teacher [N, K] (None: dense),
+    [N, K], [N].
 
     Returns a dict of 1-D tensors [N] keyed by ``STAT_NAMES``. Raises if a logit is NaN/inf.
     """
     if not bool(torch.isfinite(logits).all()):
         raise ValueError("student logits hold NaN or inf at a response position")
     vocab = logits.shape[-1]
-    full = topk_ids.shape[-1] == vocab
+    full = topk_ids is None or topk_ids.shape[-1] == vocab
     logp = torch.log_softmax(logits.to(work_dtype(logits.dtype)), dim=-1)
     p = logp.exp()
     entropy = -(p * logp).sum(-1)
     sampled_lr = logp.gather(-1, response_ids.long().unsqueeze(-1)).squeeze(-1) - sampled_logprobs.to(logp.dtype)
 
     s_log, t_log, valid = aligned_distributions(logp, response_ids, topk_ids, topk_logprobs, sampled_logprobs, full)
-    rkl = kl_over(s_log, t_log, valid).clamp(min=0)
-    fkl = kl_over(t_log, s_log, valid).clamp(min=0)
-    jsd = (generalized_jsd_over(s_log, t_log, valid, 0.5) / math.log(2)).clamp(0, 1)
+    if full:  # every slot valid: the unmasked kernel
+        rkl, fkl, jsd = full_divergences(s_log, t_log)
+    else:
+        rkl, fkl = kl_over(s_log, t_log, valid), kl_over(t_log, s_log, valid)
+        jsd = generalized_jsd_over(s_log, t_log, valid, 0.5)
+    rkl, fkl, jsd = rkl.clamp(min=0), fkl.clamp(min=0), (jsd / math.log(2)).clamp(0, 1)
 
     k = min(ta_k, vocab)
     s_top_ids = stable_topk_ids(logp, k)
@@ -256,14 +262,9 @@ def compute_token_stats(
     teacher.validate(batch, length, vocab, mask)
 
     rows = student_logits[mask]
-    ids, t_ids, t_lp, t_samp = (
-        response_ids[mask],
-        teacher.topk_ids[mask],
-        teacher.topk_logprobs[mask],
-        teacher.sampled_logprobs[mask],
-    )
+    ids, (t_ids, t_lp, t_samp) = response_ids[mask], teacher.rows(mask)
     chunks = [
-        stats_for_rows(rows[i : i + chunk_rows], ids[i : i + chunk_rows], t_ids[i : i + chunk_rows],
+        stats_for_rows(rows[i : i + chunk_rows], ids[i : i + chunk_rows], ids_at(t_ids, slice(i, i + chunk_rows)),
                        t_lp[i : i + chunk_rows], t_samp[i : i + chunk_rows], ta_k)
         for i in range(0, rows.shape[0], chunk_rows)
     ]

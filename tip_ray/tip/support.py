@@ -25,10 +25,21 @@ def _masked_logsumexp(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return torch.logsumexp(values.masked_fill(~valid, float("-inf")), dim=-1, keepdim=True)
 
 
+def full_teacher_log(topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor, vocab: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The teacher's whole distribution [N, V] in ``dtype``, renormalised, from a full signal's rows:
+    ``topk_logprobs`` [N, V] with their ids ``topk_ids`` [N, V] (scattered into id order), or
+    dense (``topk_ids`` None: already in id order), on the rows' device."""
+    t_lp = topk_logprobs.to(dtype)
+    if topk_ids is not None:
+        t_lp = t_lp.new_full((t_lp.shape[0], vocab), float("-inf")).scatter_(-1, topk_ids.long(), t_lp)
+    return t_lp - torch.logsumexp(t_lp, dim=-1, keepdim=True)
+
+
 def aligned_distributions(
     student_logp: torch.Tensor,
     response_ids: torch.Tensor,
-    topk_ids: torch.Tensor,
+    topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor,
     full: bool,
@@ -37,21 +48,23 @@ def aligned_distributions(
 
     ``student_logp`` [N, V] are the student's log-softmax values (gradient flows through them);
     ``response_ids`` [N]; ``topk_ids``/``topk_logprobs`` [N, K]; ``sampled_logprobs`` [N].
-    Full mode: S = V, the teacher scattered to the vocabulary and renormalised.
+    Full mode: S = V, the teacher scattered to the vocabulary (``topk_ids`` None: a dense signal,
+    already in id order) and renormalised.
     Top-K mode: S = K + 2 (teacher ids, the sampled id unless already among them, the tail); a
     teacher slot with log-prob -inf is absent (it pads a row scored with fewer than K tokens and
     repeats an id already listed, ``tip_ray.tip.signal``), so the row reads as its own shorter signal.
     Invalid slots hold -inf on both sides and must be skipped by the caller.
     """
     dtype = student_logp.dtype
-    t_ids = topk_ids.long()
     t_lp = topk_logprobs.to(dtype)
     if full:
-        teacher = torch.full_like(student_logp, float("-inf")).detach().scatter_(-1, t_ids, t_lp)
-        teacher = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
+        teacher = full_teacher_log(topk_ids, topk_logprobs, student_logp.shape[-1], dtype)
         valid = torch.ones_like(student_logp, dtype=torch.bool)
         return student_logp, teacher, valid
 
+    if topk_ids is None:
+        raise ValueError("a dense teacher signal is a full distribution: call with full=True")
+    t_ids = topk_ids.long()
     n, k = t_ids.shape
     ids = response_ids.long().unsqueeze(-1)
     sampled_is_new = ~(t_ids == ids).any(-1, keepdim=True)
@@ -75,6 +88,11 @@ def aligned_distributions(
     student = (student - _masked_logsumexp(student, valid)).masked_fill(~valid, float("-inf"))
     teacher = (teacher - _masked_logsumexp(teacher, valid)).masked_fill(~valid, float("-inf"))
     return student, teacher, valid
+
+
+def ids_at(topk_ids: torch.Tensor | None, index) -> torch.Tensor | None:
+    """``topk_ids[index]``, or None for a dense signal's ids (None)."""
+    return None if topk_ids is None else topk_ids[index]
 
 
 def kl_over(p_log: torch.Tensor, q_log: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -109,6 +127,26 @@ def generalized_jsd_over(
         torch.stack([student_log + math.log(1.0 - beta), teacher_log + math.log(beta)]), dim=0
     )
     return beta * kl_over(teacher_log, mix, valid) + (1.0 - beta) * kl_over(student_log, mix, valid)
+
+
+def full_divergences(student_log: torch.Tensor, teacher_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """(KL(P_S || P_T), KL(P_T || P_S), JSD(0.5) in nats), each [N], between two whole distributions
+    given as log-probs [N, V] (or one block of their vocabulary: the terms of each id, summed), on
+    their device. The same values as ``kl_over`` and ``generalized_jsd_over`` over every slot, for
+    a finite ``student_log`` (a teacher id at -inf: reverse KL inf, no term elsewhere), without
+    their masks: a few passes over [N, V] instead of several dozen."""
+    p, q = student_log.exp(), teacher_log.exp()
+    diff = student_log - teacher_log
+    rkl = torch.linalg.vecdot(p, diff)
+    # A teacher id at -inf has q = 0: its terms are 0 (0 log 0 = 0), not 0 * inf. Clamping the
+    # infinite differences to the largest float keeps them 0 and changes no finite one.
+    big = torch.finfo(diff.dtype).max
+    fkl = -torch.linalg.vecdot(q, diff.clamp_(max=big))
+    mix = torch.logaddexp(student_log, teacher_log).sub_(math.log(2.0))
+    jsd = 0.5 * (torch.linalg.vecdot(q, (teacher_log - mix).clamp_(min=-big))
+                 + torch.linalg.vecdot(p, student_log - mix))
+    return rkl, fkl, jsd
 
 
 def teacher_logprob_lookup(
