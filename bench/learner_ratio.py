@@ -6,7 +6,8 @@ preset's student with its learner settings (``pair=NAME``: micro-batch, chunk si
 ``single_forward``). Every rank trains its share of ``learner.global_batch_size`` sequences of
 ``--prompt-tokens`` prompt + ``rollout.max_new_tokens`` response tokens, the same batch every
 step, under a synthetic teacher signal of the pair's ``teacher.top_k`` (distinct random ids per
-position, log-softmaxed random log-probs, seeded): the selection rules read the student's real
+position, log-softmaxed random log-probs, seeded; ``teacher.top_k=null``: the log-softmax of
+random logits over the whole vocabulary, as ``TeacherSignal.from_logits`` sends it): the selection rules read the student's real
 statistics on it, and the learner's arithmetic does not depend on the signal's values. No Ray,
 rollout or teacher: the phases around the learner cannot add noise to it.
 
@@ -162,9 +163,6 @@ def main() -> int:
     if not (ROOT / cfg.student / "config.json").is_file():
         raise SystemExit(f"{cfg.student} is missing: prepare it first (`tip-ray prepare-pair {args.pair}`, or "
                          "bench/runtime_memory.py for its random students)")
-    if cfg.teacher.top_k is None:
-        raise SystemExit(f"pair={args.pair} sends the full teacher distribution; this benchmark builds a top-K "
-                         "signal: add --set teacher.top_k=K")
     RESULTS.mkdir(parents=True, exist_ok=True)
     cases = []
     for stage in args.zero_stages:

@@ -26,8 +26,8 @@ signal. Compare the step totals.
 With ``--pair NAME`` the student, teacher, prompts and sizes come from ``tip_ray/conf/pair/NAME.yaml``:
 tip_ray's config is composed with ``pair=NAME`` (its data preset, chat template, prompts per step,
 micro-batch, ``max_new_tokens``, lr), and the cases are TRL (torch's default threads),
-tip_ray `all` (sync, ``teacher.top_k=null``: like for like) and tip_ray `all` and `soft_or` 0.5 at the
-pair's own teacher top-k (what the pair preset runs).
+tip_ray `all` and `soft_or` 0.5 (sync, ``teacher.top_k=null``: like for like) and tip_ray `all` and
+`soft_or` 0.5 at the pair's own teacher top-k (what the pair preset runs).
 Any of ``--prompts-per-step``/``--micro-batch-size``/``--max-new-tokens``/``--lr``/``--student``/
 ``--teacher`` still overrides the pair's value.
 
@@ -502,14 +502,13 @@ def main() -> int:
     print(f"wrote {write_prompts(setup, prompts)} prompts to {prompts.relative_to(ROOT)}", file=sys.stderr)
     if setup.pair:
         # A real pair: TRL with torch's default threads only (one thread only pays off on a tiny model),
-        # tip_ray like for like (full distribution), and tip_ray at the pair's own teacher top-k.
-        # tip_ray like for like (full distribution), then at the pair's own teacher top-k: `all` and
-        # `soft_or` 0.5, which the ratio runs reuse.
+        # tip_ray like for like (full distribution: `all` and `soft_or` 0.5), then at the pair's own
+        # teacher top-k: `all` and `soft_or` 0.5, which the ratio runs reuse.
         own = [] if base["top_k"] is None else [TipCase("all", 1.0, top_k=base["top_k"]),
                                                 TipCase("soft_or", 0.5, top_k=base["top_k"])]
         if args.overlap:  # the same two in overlap mode (one update stale)
             own += [replace(c, mode="overlap") for c in own]
-        tip_cases = [TipCase("all", 1.0), *own]
+        tip_cases = [TipCase("all", 1.0), TipCase("soft_or", 0.5), *own]
         cases = [("trl", lambda: run_trl(setup, prompts, workdir, None)),
                  *((c.name, lambda c=c: run_tip(setup, c, workdir)) for c in tip_cases)]
     else:

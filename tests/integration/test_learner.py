@@ -194,8 +194,9 @@ class HostOnly(torch.Tensor):
 
 def host_only(batch: TrainBatch) -> TrainBatch:
     t = batch.teacher
-    wrap = [x.clone().as_subclass(HostOnly) for x in (batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                                     t.topk_ids, t.topk_logprobs, t.sampled_logprobs)]
+    wrap = [x if x is None else x.clone().as_subclass(HostOnly)
+            for x in (batch.input_ids, batch.attention_mask, batch.loss_mask, t.topk_ids, t.topk_logprobs,
+                      t.sampled_logprobs)]
     return TrainBatch(*wrap[:3], TeacherSignal(*wrap[3:]), batch.policy_version)
 
 

@@ -98,7 +98,9 @@ def test_teacher_scores_are_its_log_probs_at_temperature_one(top_k, values_dtype
     input_ids, attention, loss_mask = rollouts.to_sequences(pad_id=0)
     signal = teacher.score(input_ids, attention)
     k = top_k or 128
-    assert signal.topk_ids.shape == (4, input_ids.shape[1] - 1, k) and signal.topk_ids.dtype == torch.int32
+    assert signal.topk_logprobs.shape == (4, input_ids.shape[1] - 1, k)
+    # The whole distribution comes dense (the column is the id), a top-K with int32 ids.
+    assert signal.dense if top_k is None else signal.topk_ids.dtype == torch.int32
     assert signal.topk_logprobs.dtype == (torch.float16 if values_dtype == "fp16" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
     with torch.no_grad():
@@ -106,8 +108,9 @@ def test_teacher_scores_are_its_log_probs_at_temperature_one(top_k, values_dtype
     expected = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     tol = 2e-2 if values_dtype == "fp16" else 1e-5
     torch.testing.assert_close(signal.sampled_logprobs.float()[loss_mask], expected[loss_mask], atol=tol, rtol=tol)
-    top = torch.topk(logp, k, dim=-1).values
-    torch.testing.assert_close(signal.topk_logprobs.float()[loss_mask], top[loss_mask], atol=tol, rtol=tol)
+    expected_values = logp if top_k is None else torch.topk(logp, k, dim=-1).values
+    torch.testing.assert_close(signal.topk_logprobs.float()[loss_mask], expected_values[loss_mask], atol=tol,
+                               rtol=tol)
     batch = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version)
     assert int(batch.loss_mask.sum()) == sum(len(g.token_ids) for g in rollouts.generations)
 

@@ -180,3 +180,25 @@ def test_dense_shards_join_dense_and_beside_a_top_k_teacher_with_their_ids():
         b = compute_token_stats(logits[[i]], ids[[i]], TeacherSignal(*mixed.rows([i])), mask[[i]])
         for name in STAT_NAMES:
             torch.testing.assert_close(getattr(a, name), getattr(b, name), **TIGHT, msg=name)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "listed"])
+def test_a_signal_pickles_its_tensors_out_of_band(dense):
+    import pickle
+
+    _, _, _, _, signal, listed = _pair(8)
+    signal = signal if dense else listed
+    signal = TeacherSignal(signal.topk_ids, signal.topk_logprobs.to(torch.bfloat16), signal.sampled_logprobs)
+    buffers = []
+    blob = pickle.dumps(signal, protocol=5, buffer_callback=buffers.append)
+    # The tensors travel as out-of-band buffers (Ray's object store reads them in place), not in the stream.
+    assert len(buffers) == (2 if dense else 3) and len(blob) < 1024
+    back = pickle.loads(blob, buffers=buffers)
+    assert back.dense == dense
+    for a, b in zip((back.topk_ids, back.topk_logprobs, back.sampled_logprobs),
+                    (signal.topk_ids, signal.topk_logprobs, signal.sampled_logprobs)):
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b))
+    # In-band (plain pickle, torch.save): the same signal; a strided view is made contiguous first.
+    view = TeacherSignal(None, signal.topk_logprobs[:, 2:5].to(torch.float32), signal.sampled_logprobs[:, 2:5])
+    again = pickle.loads(pickle.dumps(view))
+    assert torch.equal(again.topk_logprobs, view.topk_logprobs) and again.topk_logprobs.shape == (BATCH, 3, VOCAB)

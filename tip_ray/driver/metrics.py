@@ -47,8 +47,9 @@ def sample_metrics(rollouts: RolloutBatch, signal: TeacherSignal, loss_mask: tor
     """The samples' part: mean response length, truncated samples, and the teacher's top-K + tail
     entropy averaged over the response positions ``loss_mask`` [B, L-1] of ``signal`` [B, L-1, K]."""
     lengths = [len(g.token_ids) for g in rollouts.generations]
-    entropy = (float(signal.bucket_entropy()[loss_mask].double().mean()) if bool(loss_mask.any())
-               else float("nan"))
+    # At the response positions only: a full distribution is [B, L-1, V], mostly prompt.
+    entropy = (float(TeacherSignal(*signal.rows(loss_mask)).bucket_entropy().double().mean())
+               if bool(loss_mask.any()) else float("nan"))
     return {"teacher_entropy_topk_mean": entropy, "response_length": sum(lengths) / len(lengths),
             "truncated": sum(g.finish_reason == "length" for g in rollouts.generations)}
 

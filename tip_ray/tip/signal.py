@@ -15,12 +15,20 @@ log-prob of every id, in id order (the column is the id). It is the same outcome
 signal with ids, at half the payload, with no sort in the teacher and no scatter in the learner.
 Row-level functions (``tip_ray.tip.support``, the statistics, the losses) take its ``topk_ids``
 as None too.
+
+A signal pickles its tensors as byte arrays (``__reduce__``), which pickle protocol 5 hands over
+out of band: through Ray's object store a signal is written once and read in place, not copied
+into and out of a pickle stream (hundreds of MB a step for a full distribution). A signal that
+arrived that way is read-only (it lives in the object store's shared memory): its consumers
+read it, and anything they write is a new tensor.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # A log-probability above this is not a log-probability (someone passed logits).
@@ -44,6 +52,10 @@ class TeacherSignal:
     topk_ids: torch.Tensor | None
     topk_logprobs: torch.Tensor
     sampled_logprobs: torch.Tensor
+
+    def __reduce__(self):
+        return _rebuild_signal, tuple(_as_bytes(t) for t in (self.topk_ids, self.topk_logprobs,
+                                                             self.sampled_logprobs))
 
     @property
     def k(self) -> int:
@@ -221,3 +233,26 @@ class TeacherSignal:
                 f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"
                 " duplicated ids or values that are not log-probabilities"
             )
+
+
+def _as_bytes(tensor: torch.Tensor | None) -> tuple[np.ndarray, str, tuple[int, ...]] | None:
+    """A tensor as (its bytes as a uint8 array, dtype name, shape), on the CPU: the form pickle
+    protocol 5 passes out of band. No copy for a contiguous CPU tensor without gradient."""
+    if tensor is None:
+        return None
+    flat = tensor.detach().cpu().contiguous()
+    return flat.reshape(-1).view(torch.uint8).numpy(), str(flat.dtype).removeprefix("torch."), tuple(flat.shape)
+
+
+def _from_bytes(packed: tuple[np.ndarray, str, tuple[int, ...]] | None) -> torch.Tensor | None:
+    if packed is None:
+        return None
+    data, dtype, shape = packed
+    with warnings.catch_warnings():
+        # An array read in place from the object store is not writable: so is the tensor (module doc).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(data).view(getattr(torch, dtype)).view(shape)
+
+
+def _rebuild_signal(ids, logprobs, sampled) -> TeacherSignal:
+    return TeacherSignal(_from_bytes(ids), _from_bytes(logprobs), _from_bytes(sampled))
