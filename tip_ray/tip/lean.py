@@ -103,8 +103,9 @@ def _full_chunk_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``_autograd_chunk_grad`` for a full-distribution signal (ids [N, V] or None: dense) and the
     losses ``rkl`` and ``fkl``, in closed form in the storage of ``logits`` [N, V] (overwritten;
-    float32 or float64) beside two more [N, V] tensors (the student's and the teacher's
-    probabilities), against several of them under autograd.
+    float32 or float64) beside two more [N, V] tensors (the student's probabilities and the
+    teacher's log-probs; three with the teacher's probabilities for fkl), against several more
+    under autograd.
 
     With s = log p the student's log-softmax and t the teacher's renormalised log-probs:
     rkl = sum_j p_j (s_j - t_j), d rkl / d l_k = p_k (s_k - t_k - rkl); fkl = sum_j q_j (t_j - s_j),
@@ -186,7 +187,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     differentiated in float32; the lm_head/bias gradient sums over chunks in float32 (float64
     stays), the hidden-state gradient is written once per row in the hidden states' dtype. With a
     top-K signal the chunk's gradient with respect to its logits is formed in the logits' own
-    storage (``_bucketed_chunk_grad``): one float32 [chunk_rows, V] tensor per chunk.
+    storage (``_bucketed_chunk_grad``): one float32 [chunk_rows, V] tensor per chunk; with a full
+    distribution and the loss rkl or fkl, in closed form (``_full_chunk_grad``).
 
     Outputs: the objective (with gradient), sum_i w_i * loss_i alone, and log p(y_i) [rows] (empty
     without the term); the last two carry no gradient. With a ``_StatsSink`` each chunk's
@@ -206,7 +208,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         distill = torch.zeros_like(total)
         logps = []
         # The bucketed gradient needs at least one id outside the support (K teacher ids + the
-        # sampled one); full mode and vocabularies that small take the autograd path.
+        # sampled one); full mode takes the closed form (rkl, fkl) or autograd (the other losses),
+        # and so do top-K signals over vocabularies that small.
         bucketed = topk_ids is not None and topk_ids.shape[-1] + 1 < weight.shape[0]
         closed_form = not bucketed and topk_logprobs.shape[-1] == weight.shape[0] and kind in ("rkl", "fkl")
         chunk_grad = _bucketed_chunk_grad if bucketed else _full_chunk_grad if closed_form else _autograd_chunk_grad
@@ -379,8 +382,8 @@ def kept_token_losses(
     if token_adv is not None and float(reward_den) > 0:
         pg_coefs = token_adv[rows] * (reward_coef * scale / reward_den)
     total, distill, logp = _ChunkedHeadLoss.apply(
-        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], *teacher.rows(rows), row_weights, pg_coefs, kind, beta, chunk_rows,
-        sink,
+        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], *teacher.rows(rows), row_weights, pg_coefs,
+        kind, beta, chunk_rows, sink,
     )
     reward = zero
     if pg_coefs is not None:

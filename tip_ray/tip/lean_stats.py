@@ -103,8 +103,8 @@ def token_stats_from_hidden(
 
     ``vocab_chunk`` < V streams each block of rows over ``vocab_chunk`` vocabulary entries at a
     time (``_streamed_stats_for_rows``): the working memory is O(chunk_rows x vocab_chunk) plus
-    O(rows x K) for the teacher signal, never a [chunk_rows, V] tensor (except the teacher's own
-    dense distribution in full mode, K = V). ``vocab_chunk`` >= V computes each block's full
+    O(rows x K) for the teacher signal, never a [chunk_rows, V] tensor (except in full mode, K = V,
+    where the teacher's own distribution is one and the student's scanned blocks make another). ``vocab_chunk`` >= V computes each block's full
     logits and hands them to ``stats_for_rows``, the kernel of ``compute_token_stats``.
     """
     batch, length, vocab = _check_head(hidden, lm_head_weight, lm_head_bias)
@@ -184,20 +184,33 @@ class _VocabularyScan:
     read: torch.Tensor
     cand_vals: torch.Tensor
     cand_ids: torch.Tensor
+    kept: list[tuple[int, torch.Tensor, torch.Tensor]]
+
+    def log_prob_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The kept blocks (``keep_blocks``) as (start, the student's log-probs [N, W]), made in
+        place: each block holds l - m_b (m_b: the running max when it was scanned), so
+        log p = (l - m_b) - (m - m_b) - ln Z. Once: the blocks are consumed."""
+        log_z = self.z.log().unsqueeze(-1)
+        while self.kept:
+            start, shifted, m_at = self.kept.pop(0)
+            yield start, shifted.sub_((self.m - m_at).unsqueeze(-1)).sub_(log_z)
 
 
 def _scan_vocabulary(blocks: Iterator[tuple[int, torch.Tensor]], dtype: torch.dtype, read_ids: torch.Tensor,
-                     n_cand: int, with_tail: bool) -> _VocabularyScan:
+                     n_cand: int, with_tail: bool, keep_blocks: bool = False) -> _VocabularyScan:
     """One pass over the vocabulary blocks of N rows' logits (``_vocab_blocks`` or
     ``_copied_blocks``: fresh [N, W] tensors in ``dtype``, overwritten here): an online
     log-sum-exp and entropy sum, the logits at ``read_ids`` [N, R], the mass outside them
-    (``with_tail``) and the running top-``n_cand`` by logit, ties to the lower id."""
+    (``with_tail``) and the running top-``n_cand`` by logit, ties to the lower id. With
+    ``keep_blocks`` every block is kept, shifted by its running max (``log_prob_blocks``): the
+    rows' whole logits in memory instead of a second pass over them."""
     n, device = read_ids.shape[0], read_ids.device
     m = z = a = tail = None
     cand_vals = cand_ids = None
     read = torch.zeros(read_ids.shape, dtype=dtype, device=device)
     row_of = torch.arange(n, device=device).unsqueeze(-1).expand_as(read_ids)
     scratch = None  # exp(l - m) of every block in one buffer: no fresh [N, W] pages per block
+    kept = []
     for start, logits in blocks:
         width = logits.shape[-1]
         block_max = logits.amax(-1)
@@ -229,6 +242,8 @@ def _scan_vocabulary(blocks: Iterator[tuple[int, torch.Tensor]], dtype: torch.dt
             inside = (local >= 0) & (local < width)
             e[row_of[inside], local[inside]] = 0.0
             block_tail = e.sum(-1)
+        if keep_blocks:
+            kept.append((start, shifted, new_m))
         del shifted, e
         if m is None:
             z, a = block_z, block_a
@@ -243,23 +258,22 @@ def _scan_vocabulary(blocks: Iterator[tuple[int, torch.Tensor]], dtype: torch.dt
                 tail = scale * tail + block_tail
         m = new_m
         del logits
-    return _VocabularyScan(m, z, a, tail, read, cand_vals, cand_ids)
+    return _VocabularyScan(m, z, a, tail, read, cand_vals, cand_ids, kept)
 
 
-def _full_divergences(blocks: Iterator[tuple[int, torch.Tensor]], m: torch.Tensor, log_z: torch.Tensor,
-                      teacher_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exact reverse KL, forward KL and JSD(0.5) in bits [N] between the student (its logits'
-    vocabulary ``blocks``, normalised by the scan's ``m`` and ``log_z``) and the dense
-    ``teacher_log`` [N, V], summed block by block (a second pass over the vocabulary)."""
-    rkl = torch.zeros_like(m)
+def _full_divergences(log_prob_blocks: Iterator[tuple[int, torch.Tensor]], teacher_log: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact reverse KL, forward KL and JSD(0.5) in bits [N] between the student (its log-probs'
+    vocabulary blocks, ``_VocabularyScan.log_prob_blocks``) and the dense ``teacher_log`` [N, V],
+    summed block by block."""
+    rkl = torch.zeros(teacher_log.shape[0], dtype=teacher_log.dtype, device=teacher_log.device)
     fkl, jsd = torch.zeros_like(rkl), torch.zeros_like(rkl)
-    for start, logits in blocks:
-        s_log = logits.sub_(m.unsqueeze(-1)).sub_(log_z.unsqueeze(-1))  # a block of its own
-        block = full_divergences(s_log, teacher_log[:, start : start + logits.shape[-1]])
+    for start, s_log in log_prob_blocks:
+        block = full_divergences(s_log, teacher_log[:, start : start + s_log.shape[-1]])
         rkl += block[0]
         fkl += block[1]
         jsd += block[2]
-        del logits, s_log, block
+        del s_log, block
     return rkl.clamp(min=0), fkl.clamp(min=0), (jsd / math.log(2)).clamp(0, 1)
 
 
@@ -282,7 +296,8 @@ def _streamed_stats_for_rows(
     (``_scan_vocabulary``) keeps per row what the statistics need: log-probs are then
     l - m - ln Z, and the statistics are formed from them by the same functions as
     ``stats_for_rows``. Full mode (K = V) needs every log-prob of both sides for its exact
-    divergences: it recomputes each block in a second pass (``_full_divergences``).
+    divergences: it keeps the scanned blocks for them (``_full_divergences``), as many bytes as
+    the teacher's own rows, instead of computing each block again.
     """
     return _stats_from_blocks(lambda: _vocab_blocks(rows, weight, bias, dtype, vocab_chunk), weight.shape[0], dtype,
                               response_ids, topk_ids, topk_logprobs, sampled_logprobs, ta_k)
@@ -326,8 +341,9 @@ def _stats_from_blocks(
     sampled_logprobs: torch.Tensor,
     ta_k: int,
 ) -> dict[str, torch.Tensor]:
-    """The statistics of N rows from their logits' vocabulary ``blocks`` (a factory: called once,
-    twice in full mode), in ``dtype``: ``_streamed_stats_for_rows`` and ``stats_from_logit_rows``."""
+    """The statistics of N rows from their logits' vocabulary ``blocks`` (a factory, called once),
+    in ``dtype``: ``_streamed_stats_for_rows`` and ``stats_from_logit_rows``. Full mode keeps the
+    scanned blocks for its exact divergences (the teacher's [N, V] is in memory anyway)."""
     full = topk_ids is None or topk_ids.shape[-1] == vocab
     k = min(ta_k, vocab)
     ids, t_ids = response_ids.long(), None if topk_ids is None else topk_ids.long()
@@ -341,7 +357,7 @@ def _stats_from_blocks(
         read_ids = torch.cat([t_ids, ids.unsqueeze(-1)], dim=-1)
     # A few more candidates than k: the final ranking is by log-prob, where logits a rounding
     # apart can tie and the tie then goes to the lower id, as in stats_for_rows.
-    scan = _scan_vocabulary(blocks(), dtype, read_ids, min(2 * k, vocab), not full)
+    scan = _scan_vocabulary(blocks(), dtype, read_ids, min(2 * k, vocab), not full, keep_blocks=full)
     log_z = scan.z.log()
     read_lp = (scan.read - scan.m.unsqueeze(-1)) - log_z.unsqueeze(-1)
     cand_lp = (scan.cand_vals - scan.m.unsqueeze(-1)) - log_z.unsqueeze(-1)
@@ -350,7 +366,7 @@ def _stats_from_blocks(
     entropy = log_z - scan.a / scan.z
     sampled_lr = read_lp[:, -1] - sampled_logprobs.to(dtype)
     if full:
-        rkl, fkl, jsd = _full_divergences(blocks(), scan.m, log_z, teacher_log)
+        rkl, fkl, jsd = _full_divergences(scan.log_prob_blocks(), teacher_log)
         t_top_ids = read_ids[:, :k]
         s_at_t_top = read_lp[:, :k]
 
