@@ -12,7 +12,8 @@ sizes are measured on the ``TeacherSignal`` it returns:
 
 The signal covers every next-token position of each sequence (prompt positions too; the learner
 masks them), so bytes per response token = bytes / response tokens in the batch, and the
-per-position cost is reported next to it with the formula ``K * (4 + b) + b`` (b = value bytes).
+per-position cost is reported next to it with the formula ``K * (4 + b) + b`` (b = value bytes;
+``V * b + b`` for the full distribution, which travels dense: no ids).
 
 Usage:
     python bench/teacher_payload.py                  # vocab 128 / 32768 / 151936
@@ -99,7 +100,8 @@ def measure(vocabs: list[int], sequences: int, prompt_len: int, response_len: in
                             "values_dtype": dtype, "positions": positions, "response_tokens": response_tokens,
                             "raw_bytes": raw, "pickle_bytes": len(pickle.dumps(signal, protocol=5)),
                             "ray_bytes": ray_object_bytes(signal),
-                            "formula_bytes_per_position": signal.k * (4 + b) + b,
+                            # a dense full distribution carries no ids: V values + the sampled one
+                            "formula_bytes_per_position": signal.k * (b if signal.dense else 4 + b) + b,
                         })
                         del signal, worker
                         r = rows[-1]
