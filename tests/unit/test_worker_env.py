@@ -14,3 +14,12 @@ def test_actors_keep_their_heap_unless_the_user_says_otherwise(monkeypatch):
     # A setting of the user's own reaches the actors through the inherited environment, unchanged.
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
     assert "MALLOC_MMAP_MAX_" not in worker_env() and "MALLOC_TRIM_THRESHOLD_" in worker_env()
+    # cluster.keep_heap=false: glibc's own behaviour.
+    assert worker_env(keep_heap=False) == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+
+
+def test_keep_heap_is_a_cluster_key():
+    from tip_ray.cli import compose
+
+    assert compose("train", []).cluster.keep_heap is True
+    assert compose("train", ["cluster.keep_heap=false"]).cluster.keep_heap is False

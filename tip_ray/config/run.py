@@ -66,6 +66,11 @@ class ClusterConfig:
     bounds the wait for a pool to be placed.
     ``object_store_memory`` (bytes) sizes a local instance's object store; null leaves it to Ray
     (30% of the machine's memory, capped by the size of /dev/shm: a machine detail).
+    ``keep_heap`` starts every actor with glibc malloc set to keep its heap (no ``mmap`` for large
+    blocks, no trimming: ``tip_ray.runtime.ray_runtime.MALLOC_ENV``): a step's large CPU tensors
+    reuse memory instead of being page-faulted in again each step (faster), at the price of a
+    resident set that holds the largest step's memory, fragmented (a higher CPU peak). Either
+    variable set in the driver's environment is left as it is.
     """
 
     address: str | None = None
@@ -75,6 +80,7 @@ class ClusterConfig:
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     placement_timeout_s: float = 300.0
+    keep_heap: bool = True
     rollout: PoolPlacement = field(default_factory=PoolPlacement)
     teacher: PoolPlacement = field(default_factory=PoolPlacement)
     learner: PoolPlacement = field(default_factory=PoolPlacement)

@@ -36,18 +36,21 @@ class RuntimeHooks:
     served_version: Callable[[], int]
 
 
-# glibc malloc in every actor: never mmap a block, never trim the heap. A step's large tensors
-# (logits, a full teacher distribution: 100s of MB) are otherwise fresh mappings each time,
-# page-faulted in and zeroed by the kernel on every step; kept in the heap they are reused.
-# Measured on a learner rank's full-distribution loss: 2.28 -> 1.34 s (docs/benchmarks.md, session
-# 13). A variable already set in the driver's environment is left as it is.
+# glibc malloc in every actor (``cluster.keep_heap``): never mmap a block, never trim the heap. A
+# step's large tensors (logits, a full teacher distribution: 100s of MB) are otherwise fresh
+# mappings each time, page-faulted in and zeroed by the kernel on every step; kept in the heap
+# they are reused. Measured on a learner rank's full-distribution loss: 2.28 -> 1.34 s
+# (docs/benchmarks.md, session 13). A variable already set in the driver's environment is left as
+# it is (Ray also refuses a job whose runtime env and ray.init set the same one).
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 
-def worker_env() -> dict[str, str]:
-    """The environment variables every actor of the run starts with (Ray's job runtime_env)."""
+def worker_env(keep_heap: bool = True) -> dict[str, str]:
+    """The environment variables every actor of the run starts with (Ray's job runtime_env);
+    ``keep_heap``: with ``MALLOC_ENV``, less what the driver's environment sets already."""
+    malloc = MALLOC_ENV if keep_heap else {}
     return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            **{key: value for key, value in MALLOC_ENV.items() if key not in os.environ}}
+            **{key: value for key, value in malloc.items() if key not in os.environ}}
 
 
 def pool_resources(cfg: TrainConfig) -> dict[str, PoolResources]:
@@ -70,7 +73,7 @@ def connect(cfg: TrainConfig) -> None:
         ray.init(address=c.address or "local", num_cpus=c.num_cpus, num_gpus=c.num_gpus,
                  object_store_memory=c.object_store_memory,
                  include_dashboard=c.dashboard, dashboard_host=c.dashboard_host, log_to_driver=False,
-                 runtime_env={"env_vars": worker_env()})
+                 runtime_env={"env_vars": worker_env(c.keep_heap)})
     check_fits(list(pool_resources(cfg).values()), ray.cluster_resources())
 
 
