@@ -9,7 +9,9 @@ step, under a synthetic teacher signal of the pair's ``teacher.top_k`` (distinct
 position, log-softmaxed random log-probs, seeded; ``teacher.top_k=null``: the log-softmax of
 random logits over the whole vocabulary, as ``TeacherSignal.from_logits`` sends it): the selection rules read the student's real
 statistics on it, and the learner's arithmetic does not depend on the signal's values. No Ray,
-rollout or teacher: the phases around the learner cannot add noise to it.
+rollout or teacher: the phases around the learner cannot add noise to it. The ranks start with the
+environment the runtime gives its actors (``worker_env``: with ``cluster.keep_heap``, the default,
+glibc keeps its heap; ``--set cluster.keep_heap=false`` measures glibc's own behaviour).
 
 Cases: rule ``all`` (ratio 1.0) and ``soft_or`` at each ``--ratios`` value, for each
 ``--zero-stages`` value (``soft_or`` at 1.0 keeps ``all``'s tokens at the same weight, after a
@@ -164,6 +166,9 @@ def main() -> int:
         raise SystemExit(f"{cfg.student} is missing: prepare it first (`tip-ray prepare-pair {args.pair}`, or "
                          "bench/runtime_memory.py for its random students)")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    from tip_ray.runtime.ray_runtime import worker_env
+
+    os.environ.update(worker_env(cfg.cluster.keep_heap))  # the spawned ranks start with it, as actors do
     cases = []
     for stage in args.zero_stages:
         for rule, ratio in [("all", 1.0), *(("soft_or", r) for r in args.ratios)]:
@@ -175,7 +180,8 @@ def main() -> int:
 
     table = Table(title=f"learner step at each ratio, {args.tag}: {args.world} ranks x {args.threads} thread(s), "
                         f"{cfg.learner.global_batch_size} x ({args.prompt_tokens} + {cfg.rollout.max_new_tokens}) "
-                        f"tokens, top-{cfg.teacher.top_k}, median of steps {args.warmup + 1}-{args.steps}")
+                        f"tokens, top-{cfg.teacher.top_k}, keep_heap={cfg.cluster.keep_heap}, median of steps "
+                        f"{args.warmup + 1}-{args.steps}")
     for column in ("ZeRO", "rule", "ratio", "kept", "learner s", "x ratio 1", "statistics", "gradient", "optimizer",
                    "peak MiB", "x ratio 1 "):
         table.add_column(column, justify="right")
@@ -190,6 +196,7 @@ def main() -> int:
     out.write_text(json.dumps({"pair": args.pair, "overrides": args.set, "student": cfg.student,
                                "vocab": _student_vocab(cfg.student), "world": args.world, "threads": args.threads,
                                "prompt_tokens": args.prompt_tokens, "steps": args.steps, "warmup": args.warmup,
+                               "keep_heap": cfg.cluster.keep_heap,
                                "load_average": os.getloadavg(), "cases": cases}, indent=2))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

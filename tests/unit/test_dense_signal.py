@@ -22,8 +22,9 @@ from tip_ray.tip import (
     token_stats_from_hidden,
 )
 from tip_ray.tip.lean import _autograd_chunk_grad, _full_chunk_grad
-from tip_ray.tip.stats import STAT_NAMES
-from tip_ray.tip.support import full_divergences, generalized_jsd_over, kl_over
+from tip_ray.tip.lean_stats import full_stats_from_log_probs
+from tip_ray.tip.stats import STAT_NAMES, stats_for_rows
+from tip_ray.tip.support import full_divergences, full_teacher_log, generalized_jsd_over, kl_over
 
 VOCAB, HIDDEN, BATCH, LENGTH = 29, 6, 3, 8
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
@@ -202,3 +203,84 @@ def test_a_signal_pickles_its_tensors_out_of_band(dense):
     view = TeacherSignal(None, signal.topk_logprobs[:, 2:5].to(torch.float32), signal.sampled_logprobs[:, 2:5])
     again = pickle.loads(pickle.dumps(view))
     assert torch.equal(again.topk_logprobs, view.topk_logprobs) and again.topk_logprobs.shape == (BATCH, 3, VOCAB)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [("logprobs", float("inf"), "teacher.topk_logprobs holds NaN or inf"),
+     ("logprobs", float("-inf"), "teacher.topk_logprobs holds NaN or inf"),
+     ("logprobs", 0.5, "teacher.topk_logprobs holds values > 0 \\(max 0.5\\)"),
+     ("sampled", float("nan"), "teacher.sampled_logprobs holds NaN or inf"),
+     ("sampled", 0.25, "teacher.sampled_logprobs holds values > 0 \\(max 0.25\\)")],
+)
+def test_dense_rows_are_checked_from_their_row_reductions(where, value, message):
+    """The dense checks read each row's max and min instead of [N, V] boolean tensors: every bad
+    value is still caught, at a checked position only, with the message of the listed form."""
+    _, _, ids, mask, dense, listed = _pair(8)
+    lps, samp = dense.topk_logprobs.clone(), dense.sampled_logprobs.clone()
+    if where == "logprobs":
+        lps[1, 5, 7] = value
+    else:
+        samp[1, 5] = value
+    broken = TeacherSignal(None, lps, samp)
+    with pytest.raises(ValueError, match=message):
+        broken.validate(BATCH, LENGTH, VOCAB, mask)
+    if where == "logprobs" and not math.isfinite(value):
+        assert not broken.finite_at(mask)
+    # The same value where the loss never reads (a prompt position) is no error.
+    elsewhere = mask.clone()
+    elsewhere[1, 5] = False
+    broken.validate(BATCH, LENGTH, VOCAB, elsewhere)
+    assert broken.finite_at(elsewhere)
+
+
+def test_checked_rows_are_the_rows_it_checked():
+    _, _, _, mask, dense, listed = _pair(9)
+    for signal in (dense, listed):
+        checked = signal.checked_rows(BATCH, LENGTH, VOCAB, mask)
+        for got, want in zip(checked, signal.rows(mask)):
+            assert (got is None and want is None) or torch.equal(got, want)
+    empty = torch.zeros_like(mask)
+    assert dense.checked_rows(BATCH, LENGTH, VOCAB, empty)[1].shape == (0, VOCAB)
+    with pytest.raises(ValueError, match="teacher signal covers"):
+        dense.checked_rows(BATCH, LENGTH + 1, VOCAB, torch.ones(BATCH, LENGTH + 1, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("vocab_chunk", [7, 29, 64])
+def test_full_statistics_from_log_probs_equal_the_row_kernel(vocab_chunk):
+    """The statistics the closed-form gradient reports (rule `all`) from its own log-probs equal
+    ``stats_for_rows`` on the logits, whatever the vocabulary blocks of the divergences."""
+    h, w, ids, mask, dense, listed = _pair(10)
+    logits = h[mask] @ w.T
+    for signal in (dense, listed):
+        t_ids, t_lp, t_samp = signal.rows(mask)
+        want = stats_for_rows(logits, ids[mask], t_ids, t_lp, t_samp, 5)
+        s = torch.log_softmax(logits, -1)
+        got = full_stats_from_log_probs(s, s.exp(), full_teacher_log(t_ids, t_lp, VOCAB, s.dtype), ids[mask], t_samp,
+                                        ta_k=5, vocab_chunk=vocab_chunk)
+        for name in STAT_NAMES:
+            torch.testing.assert_close(got[name], want[name], **TIGHT, msg=name)
+
+
+def test_the_closed_form_reports_the_statistics_and_refuses_bad_logits():
+    h, w, ids, mask, dense, _ = _pair(11)
+    logits = h[mask] @ w.T
+    rows = (ids[mask], *dense.rows(mask))
+    weights = torch.ones(logits.shape[0], dtype=torch.float64)
+
+    class Sink:
+        ta_k, vocab_chunk, chunks = 5, 16, []
+
+    loss, _, grad = _full_chunk_grad(logits.clone(), *rows, weights, "rkl", 0.5, None, sink=Sink)
+    plain_loss, _, plain_grad = _full_chunk_grad(logits.clone(), *rows, weights, "rkl", 0.5)
+    torch.testing.assert_close(loss, plain_loss, **TIGHT)
+    torch.testing.assert_close(grad, plain_grad, **TIGHT)
+    want = stats_for_rows(logits, *rows, 5)
+    for name in STAT_NAMES:
+        torch.testing.assert_close(Sink.chunks[0][name], want[name], **TIGHT, msg=name)
+    torch.testing.assert_close((Sink.chunks[0]["rkl"] * weights).sum(), loss, **TIGHT)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = logits.clone()
+        broken[3, 4] = bad
+        with pytest.raises(ValueError, match="student logits hold NaN or inf"):
+            _full_chunk_grad(broken, *rows, weights, "rkl", 0.5, None, sink=Sink)

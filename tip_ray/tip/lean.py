@@ -46,9 +46,11 @@ from tip_ray.tip.lean_stats import (
     DEFAULT_LEAN_CHUNK_ROWS,
     DEFAULT_LEAN_VOCAB_CHUNK,
     HEAD_BLOCK_ROWS,
+    _check_block_finite,
     _check_chunk,
     _check_head,
     compact_buckets,
+    full_stats_from_log_probs,
     stats_from_logit_rows,
     token_stats_from_hidden,
 )
@@ -99,7 +101,7 @@ def _autograd_chunk_grad(
 def _full_chunk_grad(
     logits: torch.Tensor, response_ids: torch.Tensor, topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor,
     sampled_logprobs: torch.Tensor, weights: torch.Tensor, kind: str, beta: float,
-    pg_coefs: torch.Tensor | None = None,
+    pg_coefs: torch.Tensor | None = None, sink: _StatsSink | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``_autograd_chunk_grad`` for a full-distribution signal (ids [N, V] or None: dense) and the
     losses ``rkl`` and ``fkl``, in closed form in the storage of ``logits`` [N, V] (overwritten;
@@ -111,12 +113,21 @@ def _full_chunk_grad(
     rkl = sum_j p_j (s_j - t_j), d rkl / d l_k = p_k (s_k - t_k - rkl); fkl = sum_j q_j (t_j - s_j),
     d fkl / d l_k = p_k sum_j q_j - q_k (q = e^t); the policy-gradient term -c log p(y) adds
     c (p_k - [k = y]). Where ``kl_over`` would drop a slot (p_j = 0 in rkl, q_j = 0 in fkl) the
-    term is 0 here as well: p_j > 0 for finite logits, and q_j = 0 makes q_j (t_j - s_j) and q_j 0."""
+    term is 0 here as well: p_j > 0 for finite logits, and q_j = 0 makes q_j (t_j - s_j) and q_j 0.
+
+    With ``sink`` (the rule `all`) the rows' statistics are appended to it from the same
+    log-probs, probabilities and teacher (``full_stats_from_log_probs``) before they become the
+    gradient: no second log-softmax, teacher renormalisation or vocabulary scan for them."""
     teacher = full_teacher_log(topk_ids, topk_logprobs, logits.shape[-1], logits.dtype)
+    if sink is not None:  # as the statistics pass: NaN and +inf raise the row max, -inf lowers the min
+        _check_block_finite(logits.amax(-1), logits.amin(-1))
     s = logits.sub_(torch.logsumexp(logits, -1, keepdim=True))  # the student's log-probs, in place
     ids = response_ids.long().unsqueeze(-1)
     logp = s.gather(-1, ids).squeeze(-1) if pg_coefs is not None else None
     p = s.exp()
+    if sink is not None:
+        sink.chunks.append(full_stats_from_log_probs(s, p, teacher, response_ids, sampled_logprobs, ta_k=sink.ta_k,
+                                                     vocab_chunk=sink.vocab_chunk))
     w = weights.to(s.dtype).unsqueeze(-1)
     if kind == "rkl":
         diff = s.sub_(teacher)  # s - t, in place
@@ -193,7 +204,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     Outputs: the objective (with gradient), sum_i w_i * loss_i alone, and log p(y_i) [rows] (empty
     without the term); the last two carry no gradient. With a ``_StatsSink`` each chunk's
     statistics (``stats_from_logit_rows``) are appended to it from the chunk's logits before they
-    become its gradient: the rows' statistics without a second lm_head pass.
+    become its gradient: the rows' statistics without a second lm_head pass (in the closed form,
+    from its own log-probs: ``_full_chunk_grad``).
     """
 
     @staticmethod
@@ -218,14 +230,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             h = hidden[rows]
             coefs = pg_coefs[rows] if pg_coefs is not None else None
             logits = F.linear(h, weight, bias).to(acc)
-            if sink is not None:
-                sink.chunks.append(stats_from_logit_rows(
-                    logits, response_ids[rows], ids_at(topk_ids, rows), topk_logprobs[rows], sampled_logprobs[rows],
-                    ta_k=sink.ta_k, vocab_chunk=sink.vocab_chunk))
-            chunk_loss, logp, grad_logits = chunk_grad(
-                logits, response_ids[rows], ids_at(topk_ids, rows), topk_logprobs[rows],
-                sampled_logprobs[rows], token_weights_[rows], kind, beta, coefs,
-            )
+            chunk = (logits, response_ids[rows], ids_at(topk_ids, rows), topk_logprobs[rows], sampled_logprobs[rows],
+                     token_weights_[rows], kind, beta, coefs)
+            if sink is not None and closed_form:  # the statistics from the closed form's own log-probs
+                chunk_loss, logp, grad_logits = _full_chunk_grad(*chunk, sink=sink)
+            else:
+                if sink is not None:
+                    sink.chunks.append(stats_from_logit_rows(*chunk[:5], ta_k=sink.ta_k, vocab_chunk=sink.vocab_chunk))
+                chunk_loss, logp, grad_logits = chunk_grad(*chunk)
+            del chunk
             del logits
             distill += chunk_loss.to(total.dtype)
             total += chunk_loss.to(total.dtype)
@@ -335,7 +348,7 @@ def kept_token_losses(
         raise ValueError(f"weights must be [B, T] = {(batch, length)}, got {tuple(weights.shape)}")
     if bool((weights[~mask] != 0).any()):
         raise ValueError("weights are non-zero at positions outside the mask (prompt or padding)")
-    teacher.validate(batch, length, vocab, mask)
+    checked = teacher.checked_rows(batch, length, vocab, mask)
     sink = None
     if with_stats:
         _check_chunk(vocab_chunk, "vocab_chunk")
@@ -368,6 +381,10 @@ def kept_token_losses(
             rows = rows | (token_adv != 0)
     if sink is not None and not torch.equal(rows, mask):
         raise ValueError(f"with_stats needs the loss to run on every valid position; the denominator is {float(den)}")
+    # The rows checked above are the loss's own when it runs on every valid position (the rule
+    # `all`); otherwise they are let go before the loss's rows are taken.
+    teacher_rows = checked if torch.equal(rows, mask) else None
+    del checked
     work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
 
     def joined_stats() -> TokenStats | None:
@@ -381,8 +398,10 @@ def kept_token_losses(
     row_weights = weights[rows] if distill_on else torch.zeros_like(weights[rows])
     if token_adv is not None and float(reward_den) > 0:
         pg_coefs = token_adv[rows] * (reward_coef * scale / reward_den)
+    if teacher_rows is None:
+        teacher_rows = teacher.rows(rows)
     total, distill, logp = _ChunkedHeadLoss.apply(
-        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], *teacher.rows(rows), row_weights, pg_coefs,
+        hidden[rows], lm_head_weight, lm_head_bias, response_ids[rows], *teacher_rows, row_weights, pg_coefs,
         kind, beta, chunk_rows, sink,
     )
     reward = zero

@@ -111,11 +111,11 @@ def token_stats_from_hidden(
     _check_chunk(chunk_rows)
     _check_chunk(vocab_chunk, "vocab_chunk")
     validate_student_inputs((batch, length), vocab, response_ids, mask)
-    teacher.validate(batch, length, vocab, mask)
+    t_ids, t_lp, t_samp = teacher.checked_rows(batch, length, vocab, mask)
     rows = hidden[mask]
     if not bool(torch.isfinite(rows).all()):
         raise ValueError("hidden states hold NaN or inf at a response position")
-    ids, (t_ids, t_lp, t_samp) = response_ids[mask], teacher.rows(mask)
+    ids = response_ids[mask]
     work = work_dtype(torch.promote_types(hidden.dtype, lm_head_weight.dtype))
     chunks = []
     for i in range(0, rows.shape[0], chunk_rows):
@@ -275,6 +275,40 @@ def _full_divergences(log_prob_blocks: Iterator[tuple[int, torch.Tensor]], teach
         jsd += block[2]
         del s_log, block
     return rkl.clamp(min=0), fkl.clamp(min=0), (jsd / math.log(2)).clamp(0, 1)
+
+
+def full_stats_from_log_probs(
+    student_log: torch.Tensor,
+    student_probs: torch.Tensor,
+    teacher_log: torch.Tensor,
+    response_ids: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    *,
+    ta_k: int = DEFAULT_TA_K,
+    vocab_chunk: int = DEFAULT_LEAN_VOCAB_CHUNK,
+) -> dict[str, torch.Tensor]:
+    """``stats_for_rows`` of a full-distribution signal, from what the closed-form full gradient
+    computes anyway: the student's log-softmax ``student_log`` [N, V] and its exp
+    ``student_probs`` [N, V], the teacher's renormalised log-probs ``teacher_log`` [N, V]
+    (``full_teacher_log``); ids [N], the teacher's sampled log-probs [N]. Nothing is written; the
+    divergences are summed over ``vocab_chunk`` ids at a time, so their temporaries stay
+    [N, vocab_chunk]. 1-D statistics [N] by name, in the inputs' dtype, on their device."""
+    _check_chunk(vocab_chunk, "vocab_chunk")
+    vocab, dtype = student_log.shape[-1], student_log.dtype
+    k = min(ta_k, vocab)
+    entropy = -torch.linalg.vecdot(student_probs, student_log)
+    sampled_lr = student_log.gather(-1, response_ids.long().unsqueeze(-1)).squeeze(-1) - sampled_logprobs.to(dtype)
+    s_top_ids = stable_topk_ids(student_log, k)
+    t_top_ids = stable_topk_ids(teacher_log, k)
+    rkl, fkl, jsd = (torch.zeros_like(entropy) for _ in range(3))
+    for start in range(0, vocab, vocab_chunk):
+        block = slice(start, start + vocab_chunk)
+        parts = full_divergences(student_log[:, block], teacher_log[:, block], student_probs[:, block])
+        rkl, fkl, jsd = rkl + parts[0], fkl + parts[1], jsd + parts[2]
+        del parts
+    return row_stats(entropy, vocab, rkl.clamp(min=0), fkl.clamp(min=0), (jsd / math.log(2)).clamp(0, 1),
+                     sampled_lr, k, s_top_ids, student_log.gather(-1, s_top_ids), t_top_ids,
+                     student_log.gather(-1, t_top_ids), lambda query: teacher_log.gather(-1, query))
 
 
 def _streamed_stats_for_rows(

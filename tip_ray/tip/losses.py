@@ -117,10 +117,10 @@ def distill_loss_from_logits(
         raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
     batch, length, vocab = student_logits.shape
     validate_student_inputs((batch, length), vocab, response_ids, mask)
-    teacher.validate(batch, length, vocab, mask)
+    teacher_rows = teacher.checked_rows(batch, length, vocab, mask)
     if weights is None:
         weights = mask.to(work_dtype(student_logits.dtype))
-    per_valid = token_losses_for_rows(student_logits[mask], response_ids[mask], *teacher.rows(mask), kind, beta)
+    per_valid = token_losses_for_rows(student_logits[mask], response_ids[mask], *teacher_rows, kind, beta)
     return reduce_token_loss(per_valid, weights[mask], mask, normalization, denominator)
 
 

@@ -101,7 +101,9 @@ class TeacherSignal:
         if not bool(torch.isfinite(self.sampled_logprobs[mask]).all()):
             return False
         if self.topk_ids is None:
-            return bool(torch.isfinite(self.topk_logprobs[mask]).all())
+            # Per-row max and min (NaN propagates to both): no [N, V] boolean tensor.
+            rows = self.topk_logprobs[mask]
+            return bool(torch.isfinite(rows.amax(-1)).all()) and bool(torch.isfinite(rows.amin(-1)).all())
         lps = self.topk_logprobs.masked_fill(self.absent_slots(), 0.0)
         return bool(torch.isfinite(lps[mask]).all())
 
@@ -173,6 +175,15 @@ class TeacherSignal:
         True (all if None), absent slots aside (top-K signals only: a full one, K = vocab_size,
         holds none), and at most a probability mass of 1 per position.
         """
+        sel = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool,
+                                                       device=self.topk_logprobs.device)
+        self.checked_rows(batch, length, vocab_size, sel)
+
+    def checked_rows(self, batch: int, length: int, vocab_size: int, mask: torch.Tensor,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``validate(batch, length, vocab_size, mask)``, then ``rows(mask)``: the N rows it
+        checked (ids [N, K] or None, log-probs [N, K], sampled log-probs [N]), taken out of the
+        [B, T, K] tensors once (a full distribution's rows are hundreds of MB)."""
         ids, lps, samp = self.topk_ids, self.topk_logprobs, self.sampled_logprobs
         if lps.dim() != 3:
             raise ValueError(f"teacher.topk_logprobs must be [B, T, K], got shape {tuple(lps.shape)}")
@@ -195,26 +206,50 @@ class TeacherSignal:
         if ids is None and self.k != vocab_size:
             raise ValueError(f"a dense teacher signal holds every id of the vocabulary: {self.k} log-probs per "
                              f"position for a student of {vocab_size} ids")
-        sel = mask if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=lps.device)
-        if not bool(sel.any()):
-            return
+        rows = self.rows(mask)
+        if rows[1].shape[0] == 0:
+            return rows
+        v_ids, v_lps, v_samp = rows
         if ids is None:
-            self._validate_values(lps[sel], samp[sel], None)
-            return
-        absent = self.absent_slots()[sel]
+            self._validate_dense_values(v_lps, v_samp)
+            return rows
+        absent = self.absent_slots()[mask]
         if self.k == vocab_size and bool(absent.any()):
             raise ValueError("teacher.topk_logprobs holds absent slots (-inf) in a full-distribution signal "
                              "(K = vocab_size): only top-K signals may be padded")
-        v_ids = ids[sel]
         if bool(((v_ids < 0) | (v_ids >= vocab_size)).any()):
             bad = v_ids[(v_ids < 0) | (v_ids >= vocab_size)][0].item()
             raise ValueError(f"teacher.topk_ids holds id {bad}, outside the vocabulary [0, {vocab_size})")
-        self._validate_values(lps[sel].masked_fill(absent, 0.0), samp[sel], absent)
+        self._validate_values(v_lps.masked_fill(absent, 0.0), v_samp, absent)
+        return rows
 
     @staticmethod
-    def _validate_values(v_lps: torch.Tensor, v_samp: torch.Tensor, absent: torch.Tensor | None) -> None:
-        """The value checks of ``validate`` on the selected rows: log-probs [N, K] (absent slots
-        zeroed, ``absent`` [N, K]; None for a dense signal) and sampled log-probs [N]."""
+    def _validate_dense_values(v_lps: torch.Tensor, v_samp: torch.Tensor) -> None:
+        """``_validate_values`` for a dense signal's rows [N, V]: the same checks and messages from
+        per-row reductions (max and min, which NaN propagates to, and a log-sum-exp in float32)
+        instead of [N, V] boolean tensors."""
+        high, low = v_lps.amax(-1), v_lps.amin(-1)
+        for name, values, top in (("teacher.topk_logprobs", torch.stack([high, low]), high),
+                                  ("teacher.sampled_logprobs", v_samp, v_samp)):
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{name} holds NaN or inf at a response position")
+            if bool((top > _LOGPROB_SLACK).any()):
+                raise ValueError(
+                    f"{name} holds values > 0 (max {top.max().item():.4g}): these are not log-probabilities"
+                    " (logits passed by mistake?)"
+                )
+        # The mass by log-sum-exp, in float32: no float64 copy of [N, V].
+        mass = torch.logsumexp(v_lps.to(torch.promote_types(v_lps.dtype, torch.float32)), -1).exp()
+        if bool((mass > 1.0 + 1e-2).any()):
+            raise ValueError(
+                f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"
+                " duplicated ids or values that are not log-probabilities"
+            )
+
+    @staticmethod
+    def _validate_values(v_lps: torch.Tensor, v_samp: torch.Tensor, absent: torch.Tensor) -> None:
+        """The value checks of ``validate`` on the selected rows of a signal with ids: log-probs
+        [N, K] (absent slots zeroed, ``absent`` [N, K]) and sampled log-probs [N]."""
         for name, values in (("teacher.topk_logprobs", v_lps), ("teacher.sampled_logprobs", v_samp)):
             if not bool(torch.isfinite(values).all()):
                 raise ValueError(f"{name} holds NaN or inf at a response position")
@@ -223,11 +258,7 @@ class TeacherSignal:
                     f"{name} holds values > 0 (max {values.max().item():.4g}): these are not log-probabilities"
                     " (logits passed by mistake?)"
                 )
-        if absent is None:
-            # A dense row's mass by log-sum-exp, in float32: no float64 copy of [N, V].
-            mass = torch.logsumexp(v_lps.to(torch.promote_types(v_lps.dtype, torch.float32)), -1).exp()
-        else:
-            mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
+        mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
         if bool((mass > 1.0 + 1e-2).any()):
             raise ValueError(
                 f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"

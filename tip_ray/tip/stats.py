@@ -259,10 +259,10 @@ def compute_token_stats(
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     batch, length, vocab = student_logits.shape
     validate_student_inputs((batch, length), vocab, response_ids, mask)
-    teacher.validate(batch, length, vocab, mask)
+    t_ids, t_lp, t_samp = teacher.checked_rows(batch, length, vocab, mask)
 
     rows = student_logits[mask]
-    ids, (t_ids, t_lp, t_samp) = response_ids[mask], teacher.rows(mask)
+    ids = response_ids[mask]
     chunks = [
         stats_for_rows(rows[i : i + chunk_rows], ids[i : i + chunk_rows], ids_at(t_ids, slice(i, i + chunk_rows)),
                        t_lp[i : i + chunk_rows], t_samp[i : i + chunk_rows], ta_k)

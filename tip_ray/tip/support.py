@@ -129,23 +129,29 @@ def generalized_jsd_over(
     return beta * kl_over(teacher_log, mix, valid) + (1.0 - beta) * kl_over(student_log, mix, valid)
 
 
-def full_divergences(student_log: torch.Tensor, teacher_log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor]:
+def full_divergences(student_log: torch.Tensor, teacher_log: torch.Tensor, student_probs: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(KL(P_S || P_T), KL(P_T || P_S), JSD(0.5) in nats), each [N], between two whole distributions
     given as log-probs [N, V] (or one block of their vocabulary: the terms of each id, summed), on
     their device. The same values as ``kl_over`` and ``generalized_jsd_over`` over every slot, for
     a finite ``student_log`` (a teacher id at -inf: reverse KL inf, no term elsewhere), without
-    their masks: a few passes over [N, V] instead of several dozen."""
-    p, q = student_log.exp(), teacher_log.exp()
+    their masks: four [N, V] tensors and ten passes over them instead of several dozen.
+
+    With d = s - t (s, t: the log-probs), p = e^s, q = e^t, g = log(2p / (p + q)) = ln 2 + log sigmoid(d):
+    rkl = sum p d, fkl = -sum q d, and JSD = 1/2 sum p g + 1/2 sum q (g - d), since
+    log(2q / (p + q)) = g - d. Each term is formed per id, so nothing large cancels in the sums.
+    ``student_probs``: exp(``student_log``) when the caller has it (not written)."""
+    p = student_log.exp() if student_probs is None else student_probs
     diff = student_log - teacher_log
     rkl = torch.linalg.vecdot(p, diff)
-    # A teacher id at -inf has q = 0: its terms are 0 (0 log 0 = 0), not 0 * inf. Clamping the
-    # infinite differences to the largest float keeps them 0 and changes no finite one.
-    big = torch.finfo(diff.dtype).max
-    fkl = -torch.linalg.vecdot(q, diff.clamp_(max=big))
-    mix = torch.logaddexp(student_log, teacher_log).sub_(math.log(2.0))
-    jsd = 0.5 * (torch.linalg.vecdot(q, (teacher_log - mix).clamp_(min=-big))
-                 + torch.linalg.vecdot(p, student_log - mix))
+    q = teacher_log.exp()
+    # A teacher id at -inf has q = 0 and d = +inf: its terms are 0 (0 log 0 = 0), not 0 x inf.
+    # Clamping the infinite differences to the largest float keeps them 0 and changes no finite
+    # one; log sigmoid of it is 0, as of +inf.
+    diff.clamp_(max=torch.finfo(diff.dtype).max)
+    fkl = -torch.linalg.vecdot(q, diff)
+    g = torch.nn.functional.logsigmoid(diff).add_(math.log(2.0))
+    jsd = 0.5 * (torch.linalg.vecdot(p, g) + torch.linalg.vecdot(q, g.sub_(diff)))
     return rkl, fkl, jsd
 
 
