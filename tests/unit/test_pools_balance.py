@@ -118,6 +118,22 @@ def teacher(tmp_path_factory):
     return TeacherWorker(TeacherConfig(model=str(path), top_k=8, micro_batch_size=4))
 
 
+def test_one_shard_of_the_whole_batch_is_the_joined_signal_without_a_copy():
+    """One teacher actor: its signal covers every row in order at the full width and is returned as
+    it is (no [B, L-1, K] copy); out of order or narrower, it is joined as before."""
+    from tip_ray.tip.signal import TeacherSignal
+
+    lps = torch.log_softmax(torch.randn(3, 5, 11), -1)
+    whole = TeacherSignal(None, lps, lps[..., 0].clone())
+    assert join_signals([([0, 1, 2], whole)], 3, 6, 11) is whole
+    reordered = join_signals([([2, 0, 1], whole)], 3, 6, 11)
+    assert torch.equal(reordered.topk_logprobs[[2, 0, 1]], lps)
+    wider = join_signals([([0, 1, 2], whole)], 3, 8, 11)
+    assert wider.topk_logprobs.shape == (3, 7, 11) and torch.equal(wider.topk_logprobs[:, :5], lps)
+    with pytest.raises(ValueError, match="does not fit"):
+        join_signals([([0, 1, 2], whole)], 3, 5, 11)
+
+
 @pytest.mark.parametrize("parts", [2, 3])
 def test_teacher_shards_cut_to_their_length_join_to_the_whole_batch_signal(teacher, parts):
     g = torch.Generator().manual_seed(parts)

@@ -116,13 +116,20 @@ def join_signals(parts: Sequence[tuple[Sequence[int], TeacherSignal]], total: in
     """Shard signals back in the original row order: part j holds rows ``rows_j`` as [b_j, W_j - 1, K];
     the result is [total, length - 1, K]. Positions past a part's width are padding (no response
     token there); they hold the padding placeholder of a teacher over ``vocab_size`` ids
-    (``tip_ray.teacher.layout``: ids 0..K-1, each at -log V), finite and never read."""
+    (``tip_ray.teacher.layout``: ids 0..K-1, each at -log V), finite and never read. One shard
+    holding every row in order at the full width (one teacher actor) is the result as it is: no
+    [total, length - 1, K] copy (hundreds of MB a step for a full distribution), read-only when it
+    came through Ray's object store, as every received signal is (``tip_ray.tip.signal``)."""
     if not parts:
         raise ValueError("no teacher shards to join")
     _check_cover([rows for rows, _ in parts], total)
     first = parts[0][1]
     k, dtype = first.k, first.topk_logprobs.dtype
     positions = length - 1
+    if (len(parts) == 1 and list(parts[0][0]) == list(range(total))
+            and tuple(first.topk_logprobs.shape[:2]) == (total, positions)
+            and tuple(first.sampled_logprobs.shape) == (total, positions)):
+        return first
     dense = first.dense
     if any(signal.dense != dense for _, signal in parts):
         raise ValueError("the teacher shards mix dense and top-K signals: every teacher actor of a pool scores "
