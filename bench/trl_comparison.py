@@ -225,7 +225,10 @@ def run_tip(setup: Setup, case: TipCase, workdir: Path) -> dict:
         if "loss" not in m:  # the evaluation rows (eval_data=null: empty)
             continue
         phases = {k: m[f"time/{k}"] for k in ("rollout", "teacher", "learner", "sync")}
-        steps.append({"step": m["step"], "seconds": sum(phases.values()), **{f"time/{k}": v for k, v in phases.items()},
+        # The step's wall clock (the phases and the driver's work around them), as TRL's step is
+        # timed from its start to its end; the sum of the phases where a run predates it.
+        step_seconds = m.get("time/step", sum(phases.values()))
+        steps.append({"step": m["step"], "seconds": step_seconds, **{f"time/{k}": v for k, v in phases.items()},
                       "response_tokens": m["valid_tokens"], "trained_tokens": m["kept_tokens"],
                       "truncated": m["truncated"], "loss": m["loss"],
                       "learner_peak_memory_mb": m["learner_peak_memory_mb"],

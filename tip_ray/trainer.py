@@ -312,6 +312,7 @@ class Trainer:
         from tip_ray.driver.routing import teacher_metrics
         from tip_ray.types import TrainBatch
 
+        started = time.perf_counter()
         last, clock, upcoming = step == self.cfg.trainer.steps, PhaseClock(), None
         batch, call = launched
         with clock.phase("rollout"):
@@ -348,6 +349,9 @@ class Trainer:
             line.update(reward_metrics(rewards, metrics[0], self.cfg.loss.reward.coef))
         if routes is not None:
             line.update(teacher_metrics(self.teacher_names, routes, getattr(metrics[0], "groups", {})))
+        # The step's wall clock: the phases plus the driver's own work around them (sequences,
+        # batch, metrics), which no phase counts.
+        line["time/step"] = time.perf_counter() - started
         return line, upcoming
 
     # --- evaluation -------------------------------------------------------------------------------

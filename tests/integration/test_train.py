@@ -46,6 +46,7 @@ def test_train_runs_the_pools_and_records_every_step(tmp_path, data):
     for r in steps:
         assert abs(r["kept_fraction"] - 0.5) < 0.01 and r["kept_tokens"] == -(-r["valid_tokens"] // 2)
         assert r["time/rollout"] > 0 and r["time/teacher"] > 0 and r["time/learner"] > 0
+        assert r["time/step"] >= sum(r[f"time/{k}"] for k in ("rollout", "teacher", "learner", "sync"))
         assert r["learner_peak_memory_mb"] > 0
         assert abs(sum(r[f"quadrant/Q{i}"] for i in range(1, 5)) - 1) < 1e-6
         assert 0 <= r["teacher_entropy_topk_mean"] < math.log(128)  # the embedded vocabulary

@@ -16,6 +16,10 @@ from tip_ray.tip.signal import TeacherSignal
 from tip_ray.types import RolloutBatch
 
 PHASES = ("rollout", "teacher", "learner", "sync")
+# The teacher's entropy metric reads the signal's response rows this many bytes at a time: its
+# temporaries stay in glibc's heap, below its mmap threshold (32 MiB), instead of being fresh
+# mappings of [response positions, K] each step (a full distribution: hundreds of MB).
+_ENTROPY_BLOCK_BYTES = 16 * 2**20
 
 
 def learner_metrics(m: Any, stepped: dict[str, float] | None) -> dict[str, float]:
@@ -47,11 +51,25 @@ def sample_metrics(rollouts: RolloutBatch, signal: TeacherSignal, loss_mask: tor
     """The samples' part: mean response length, truncated samples, and the teacher's top-K + tail
     entropy averaged over the response positions ``loss_mask`` [B, L-1] of ``signal`` [B, L-1, K]."""
     lengths = [len(g.token_ids) for g in rollouts.generations]
-    # At the response positions only: a full distribution is [B, L-1, V], mostly prompt.
-    entropy = (float(TeacherSignal(*signal.rows(loss_mask)).bucket_entropy().double().mean())
-               if bool(loss_mask.any()) else float("nan"))
-    return {"teacher_entropy_topk_mean": entropy, "response_length": sum(lengths) / len(lengths),
+    return {"teacher_entropy_topk_mean": teacher_entropy(signal, loss_mask),
+            "response_length": sum(lengths) / len(lengths),
             "truncated": sum(g.finish_reason == "length" for g in rollouts.generations)}
+
+
+def teacher_entropy(signal: TeacherSignal, loss_mask: torch.Tensor) -> float:
+    """The teacher's top-K + tail entropy (``TeacherSignal.bucket_entropy``, exact for a full
+    distribution) averaged over the response positions ``loss_mask`` [B, L-1] of ``signal``
+    [B, L-1, K], on the CPU; NaN without any. Read in blocks of rows (``_ENTROPY_BLOCK_BYTES``):
+    the prompt positions are never read, and no [positions, K] copy of the signal is made."""
+    where = loss_mask.nonzero()
+    if where.shape[0] == 0:
+        return float("nan")
+    per_block = max(1, _ENTROPY_BLOCK_BYTES // (signal.k * signal.topk_logprobs.element_size()))
+    total = 0.0
+    for block in where.split(per_block):
+        rows = TeacherSignal(*signal.rows((block[:, 0], block[:, 1])))
+        total += float(rows.bucket_entropy().double().sum())
+    return total / where.shape[0]
 
 
 def timing_metrics(times: dict[str, float], sync_seconds: float, response_tokens: int) -> dict[str, float]:
