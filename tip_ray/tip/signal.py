@@ -211,7 +211,7 @@ class TeacherSignal:
             return rows
         v_ids, v_lps, v_samp = rows
         if ids is None:
-            self._validate_dense_values(v_lps, v_samp)
+            self._validate_values(v_lps, v_samp, None)
             return rows
         absent = self.absent_slots()[mask]
         if self.k == vocab_size and bool(absent.any()):
@@ -224,10 +224,11 @@ class TeacherSignal:
         return rows
 
     @staticmethod
-    def _validate_dense_values(v_lps: torch.Tensor, v_samp: torch.Tensor) -> None:
-        """``_validate_values`` for a dense signal's rows [N, V]: the same checks and messages from
-        per-row reductions (max and min, which NaN propagates to, and a log-sum-exp in float32)
-        instead of [N, V] boolean tensors."""
+    def _validate_values(v_lps: torch.Tensor, v_samp: torch.Tensor, absent: torch.Tensor | None) -> None:
+        """The value checks of ``validate`` on the selected rows: log-probs [N, K] (absent slots
+        zeroed, ``absent`` [N, K]; None for a dense signal) and sampled log-probs [N]. Checked from
+        per-row reductions (max and min, which NaN propagates to): no [N, K] boolean tensors, which
+        for a dense row are [N, V]."""
         high, low = v_lps.amax(-1), v_lps.amin(-1)
         for name, values, top in (("teacher.topk_logprobs", torch.stack([high, low]), high),
                                   ("teacher.sampled_logprobs", v_samp, v_samp)):
@@ -238,27 +239,11 @@ class TeacherSignal:
                     f"{name} holds values > 0 (max {top.max().item():.4g}): these are not log-probabilities"
                     " (logits passed by mistake?)"
                 )
-        # The mass by log-sum-exp, in float32: no float64 copy of [N, V].
-        mass = torch.logsumexp(v_lps.to(torch.promote_types(v_lps.dtype, torch.float32)), -1).exp()
-        if bool((mass > 1.0 + 1e-2).any()):
-            raise ValueError(
-                f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"
-                " duplicated ids or values that are not log-probabilities"
-            )
-
-    @staticmethod
-    def _validate_values(v_lps: torch.Tensor, v_samp: torch.Tensor, absent: torch.Tensor) -> None:
-        """The value checks of ``validate`` on the selected rows of a signal with ids: log-probs
-        [N, K] (absent slots zeroed, ``absent`` [N, K]) and sampled log-probs [N]."""
-        for name, values in (("teacher.topk_logprobs", v_lps), ("teacher.sampled_logprobs", v_samp)):
-            if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"{name} holds NaN or inf at a response position")
-            if bool((values > _LOGPROB_SLACK).any()):
-                raise ValueError(
-                    f"{name} holds values > 0 (max {values.max().item():.4g}): these are not log-probabilities"
-                    " (logits passed by mistake?)"
-                )
-        mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
+        if absent is None:
+            # A dense row's mass by log-sum-exp, in float32: no float64 copy of [N, V].
+            mass = torch.logsumexp(v_lps.to(torch.promote_types(v_lps.dtype, torch.float32)), -1).exp()
+        else:
+            mass = v_lps.double().exp().masked_fill(absent, 0.0).sum(-1)
         if bool((mass > 1.0 + 1e-2).any()):
             raise ValueError(
                 f"teacher.topk_logprobs sum to a probability mass of {mass.max().item():.4g} > 1 at a position:"
