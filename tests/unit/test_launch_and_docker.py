@@ -245,7 +245,7 @@ def test_slurm_dashboard_binds_to_localhost_and_token_file_is_private(tmp_path):
 
 
 def test_slurm_gives_up_and_tears_down_when_workers_do_not_join(tmp_path):
-    result, log, _, pids = _run_sbatch(tmp_path, ["trainer.steps=5"], FAKE_WORKERS_JOIN="0", JOIN_TIMEOUT_S="1")
+    result, log, _, pids = _run_sbatch(tmp_path, ["trainer.steps=5"], FAKE_WORKERS_JOIN="0", JOIN_TIMEOUT_S="5")
     assert result.returncode == 1
     assert "only 1 of 3 Ray node(s) joined" in result.stderr
     assert not any(line.startswith("tip-ray") for line in log)
