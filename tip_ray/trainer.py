@@ -7,6 +7,8 @@ One step (``trainer.mode=sync``)::
     sequences = rollouts.to_sequences()                right-padded prompt + response
     signal    = teacher pool.score(sequences)          waits for every teacher actor
     metrics   = learner group.train_step(batch)        shards by rank; statistics, global selection, step
+                                                       (each rank reads its rows of the teacher's
+                                                       results in the object store: StoredSignal)
     sync_weights(learner -> rollout pool, version+1)   every ``trainer.sync_every`` steps
 
 ``trainer.mode=overlap``: the rollouts of step t+1 are generated while the learner trains on
@@ -167,6 +169,7 @@ class Trainer:
         from tip_ray.driver.multiturn import multiturn_rollouts
         from tip_ray.learner.lora import check_student_targets
         from tip_ray.rollout.vllm_args import with_engine_sizes
+        from tip_ray.runtime.heap import keep_process_heap
         from tip_ray.runtime.ray_runtime import RuntimeHooks
         from tip_ray.state.checkpoint_store import RUN_CHECKPOINTS, CheckpointStore
         from tip_ray.state.preflight import load_tokenizer, require_checkpoint
@@ -175,6 +178,8 @@ class Trainer:
 
         cfg = with_engine_sizes(cfg)  # null engine sizes become the step's sequences per actor
         self.cfg = cfg
+        if cfg.cluster.keep_heap:  # the driver's signal and metrics tensors reuse memory, as the actors' do
+            keep_process_heap()
         require_checkpoint(cfg.student, "student")
         check_student_targets(cfg.learner)  # learner.lora's target modules, against the student's layers
         self.tokenizer = load_tokenizer(cfg.student, "student")
@@ -261,14 +266,17 @@ class Trainer:
     def _score(self, input_ids, attention, loss_mask, where: str, routes: list[str] | None = None):
         """The teacher pool's signal [B, L-1, K] for the sequences ``input_ids``/``attention`` [B, L]
         (with ``routes`` [B], a teacher name per sequence: each scored by its own teacher's pool,
-        joined in batch order); refuses ids beyond the student's vocabulary rows at the
+        joined in batch order), and the form the learner takes it in (``Teacher.score_stored``;
+        the joined signal when routed); refuses ids beyond the student's vocabulary rows at the
         ``loss_mask`` [B, L-1] positions."""
         from tip_ray.driver.routing import score_routed
         from tip_ray.teacher.layout import first_scored_positions
 
         first = first_scored_positions(loss_mask)
-        signal = (self.runtime.teacher.score(input_ids, attention, first) if routes is None else
-                  score_routed(self.runtime.teachers, routes, input_ids, attention, first))
+        if routes is None:
+            signal, for_learner = self.runtime.teacher.score_stored(input_ids, attention, first)
+        else:
+            signal = for_learner = score_routed(self.runtime.teachers, routes, input_ids, attention, first)
         if signal.topk_ids is None:  # dense: the ids are the columns
             top_id = signal.k - 1
         else:
@@ -277,7 +285,7 @@ class Trainer:
             raise ValueError(f"{where}: the teacher sent token id {top_id}, beyond the student's {self.student_vocab} "
                              "vocabulary rows (the teacher's embedding is padded further); use a teacher whose "
                              "vocabulary rows do not exceed the student's")
-        return signal
+        return signal, for_learner
 
     def _check_staleness(self, step: int, policy_version: int) -> int:
         """Learner updates the samples of ``policy_version`` did not see; an error above
@@ -323,7 +331,7 @@ class Trainer:
         with clock.phase("teacher"):
             input_ids, attention, loss_mask = rollouts.to_sequences(self.tokenizer.pad_token_id)
             routes = [batch.examples[g.prompt_index].route for g in rollouts.generations] if self.routed else None
-            signal = self._score(input_ids, attention, loss_mask, f"step {step}", routes)
+            signal, for_learner = self._score(input_ids, attention, loss_mask, f"step {step}", routes)
         rewards = None
         if self.cfg.loss.reward.enabled:
             from tip_ray.driver.rewards import grade_rollouts
@@ -332,7 +340,7 @@ class Trainer:
                 rewards = grade_rollouts(rollouts, batch.answers, self.tokenizer, self.cfg.grader, self.cfg.loss.reward)
         with clock.phase("learner"):
             group = None if routes is None else torch.tensor([self.teacher_names.index(r) for r in routes])
-            train = TrainBatch(input_ids, attention, loss_mask, signal, rollouts.policy_version,
+            train = TrainBatch(input_ids, attention, loss_mask, for_learner, rollouts.policy_version,
                                advantages=None if rewards is None else rewards.advantages, group=group)
             metrics, stepped = self.runtime.learner.train_step(train)
             self._apply(step, stepped)
@@ -400,7 +408,7 @@ class Trainer:
                                "come from different weights; evaluate after a sync")
         routes = [self.eval_data[g.prompt_index].route for g in samples.generations] if self.routed else None
         return with_divergence(samples, self.eval_data, self.state.version, self.tokenizer.pad_token_id,
-                               lambda ids, mask, loss: self._score(ids, mask, loss, "evaluation", routes),
+                               lambda ids, mask, loss: self._score(ids, mask, loss, "evaluation", routes)[0],
                                self.runtime.learner.evaluate_tokens)
 
     def _evaluate_before(self) -> None:

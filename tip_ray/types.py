@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from tip_ray.tip.signal import TeacherSignal
+
+
+class SignalHandle(Protocol):
+    """A teacher signal [B, L-1, K] kept where it is (``tip_ray.runtime.stored_signal.StoredSignal``:
+    the teacher's results in Ray's object store), on its way to a learner actor, which reads it
+    (``fetch``) before its worker sees the batch; ``take`` as ``TeacherSignal.take``."""
+
+    def take(self, index: torch.Tensor, positions: int) -> SignalHandle: ...
+
+    def fetch(self) -> TeacherSignal: ...
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,9 @@ class TrainBatch:
 
     ``input_ids``/``attention_mask`` [B, L]; ``loss_mask`` [B, L-1] is True where position t
     predicts a response token ``input_ids[:, t+1]``; ``teacher`` is aligned with those L-1
-    positions ([B, L-1, K]). ``policy_version`` is the weight version that sampled the responses.
+    positions ([B, L-1, K]; on its way to a learner actor, a ``SignalHandle`` to it, which the
+    actor reads before its worker sees the batch). ``policy_version`` is the weight version that
+    sampled the responses.
     ``advantages``: float32 [B], each sequence's task-reward advantage (``loss.reward``), or None
     when the reward term is off.
     ``group`` long [B] (or None): each sequence's teacher, as an index into the run's teachers
@@ -94,7 +107,7 @@ class TrainBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     loss_mask: torch.Tensor
-    teacher: TeacherSignal
+    teacher: TeacherSignal | SignalHandle
     policy_version: int = 0
     advantages: torch.Tensor | None = None
     group: torch.Tensor | None = None
@@ -131,12 +144,9 @@ class TrainBatch:
         """The sequences ``index`` [N] (in that order) as a batch of their own, cut to the longest
         of them: columns that are padding in every chosen row are dropped."""
         width = max(int(self.attention_mask[index].sum(-1).max()) if index.numel() else 1, 2)
-        t = self.teacher
         return TrainBatch(
             self.input_ids[index, :width], self.attention_mask[index, :width], self.loss_mask[index, : width - 1],
-            TeacherSignal(None if t.topk_ids is None else t.topk_ids[index, : width - 1],
-                          t.topk_logprobs[index, : width - 1], t.sampled_logprobs[index, : width - 1]),
-            self.policy_version,
+            self.teacher.take(index, width - 1), self.policy_version,
             advantages=None if self.advantages is None else self.advantages[index],
             group=None if self.group is None else self.group[index],
         )

@@ -91,6 +91,10 @@ class FakeTeacher:
     def collect_score(self, launch: TeacherSignal) -> TeacherSignal:
         return launch
 
+    def score_stored(self, input_ids, attention_mask, first_position=None) -> tuple[TeacherSignal, TeacherSignal]:
+        signal = self.score(input_ids, attention_mask, first_position)
+        return signal, signal  # in-process: the learner takes the signal itself
+
     def generate(self, prompts, sampling) -> list[Generation]:
         self.prompted.append([list(p) for p in prompts])
         return [Generation(i, [7] * 3, [], "stop") for i in range(len(prompts))]

@@ -42,3 +42,21 @@ def test_rows_is_take_of_a_range():
     head = batch.rows(0, 2)
     assert head.input_ids.shape == (2, 5) and torch.equal(head.input_ids, batch.input_ids[:2, :5])
     assert batch.rows(1, 10).size == 2  # a stop past the end is clipped, as slicing does
+
+
+def test_a_run_of_consecutive_rows_is_a_view_of_the_teacher_others_a_copy():
+    batch = ragged_batch()
+    signal = batch.teacher
+    head = batch.rows(1, 3).teacher  # a learner rank's share: rows 1..2, cut to 3 positions
+    assert head.topk_logprobs.untyped_storage().data_ptr() == signal.topk_logprobs.untyped_storage().data_ptr()
+    assert head.topk_ids.untyped_storage().data_ptr() == signal.topk_ids.untyped_storage().data_ptr()
+    assert torch.equal(head.topk_logprobs, signal.topk_logprobs[1:3, :3])
+    assert torch.equal(head.sampled_logprobs, signal.sampled_logprobs[1:3, :3])
+    for index in ([2, 1], [0, 2]):  # out of order, or not consecutive
+        part = signal.take(torch.tensor(index), 4)
+        assert part.topk_logprobs.untyped_storage().data_ptr() != signal.topk_logprobs.untyped_storage().data_ptr()
+        assert torch.equal(part.topk_ids, signal.topk_ids[index, :4])
+        assert torch.equal(part.sampled_logprobs, signal.sampled_logprobs[index, :4])
+    dense = TeacherSignal(None, signal.topk_logprobs, signal.sampled_logprobs)
+    assert dense.take(torch.tensor([1]), 2).topk_ids is None
+    assert dense.take(torch.tensor([], dtype=torch.long), 2).topk_logprobs.shape == (0, 2, 4)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tip_ray.runtime.ray_runtime import MALLOC_ENV, worker_env
+import pytest
+
+from tip_ray.runtime.heap import MALLOC_ENV
+from tip_ray.runtime.ray_runtime import worker_env
 
 
 def test_actors_keep_their_heap_unless_the_user_says_otherwise(monkeypatch):
@@ -23,3 +26,73 @@ def test_keep_heap_is_a_cluster_key():
 
     assert compose("train", []).cluster.keep_heap is True
     assert compose("train", ["cluster.keep_heap=false"]).cluster.keep_heap is False
+
+
+# Run in a child process: mallopt changes the allocator of the whole process, and the pytest
+# process should keep glibc's own behaviour. It reports the variables applied, the bytes a 64 MiB
+# allocation took as a fresh mapping (glibc's mallinfo2), and the heap's size after its free.
+_HEAP_PROBE = """
+import ctypes, json, sys
+from tip_ray.runtime.heap import keep_process_heap
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+applied = keep_process_heap() if sys.argv[1] == "keep" else []
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(64 << 20)
+mapped = libc.mallinfo2().hblkhd - before
+libc.free(block)
+print(json.dumps({"applied": applied, "mapped": mapped, "heap_after_free": libc.mallinfo2().arena}))
+"""
+
+
+def _probe(mode: str, **env: str) -> dict:
+    import ctypes
+    import json
+    import os
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018 (glibc >= 2.33)
+    except (OSError, AttributeError):
+        pytest.skip("needs glibc's mallinfo2")
+    child_env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | env
+    out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], env=child_env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_driver_keeps_its_heap_through_mallopt():
+    kept, default = _probe("keep"), _probe("none")
+    assert kept["applied"] == list(MALLOC_ENV)
+    # glibc's own: a 64 MiB block is a fresh mapping, unmapped by its free.
+    assert default["mapped"] >= 64 << 20 and default["heap_after_free"] < 64 << 20
+    # Kept: the block comes from the heap, which keeps it after the free for the next step.
+    assert kept["mapped"] == 0 and kept["heap_after_free"] >= 64 << 20
+
+
+def test_the_drivers_own_malloc_setting_wins():
+    probe = _probe("keep", MALLOC_MMAP_MAX_="65536")
+    assert probe["applied"] == ["MALLOC_TRIM_THRESHOLD_"]
+    assert probe["mapped"] >= 64 << 20  # mmap left on, as the user set it
+
+
+def test_the_trainer_applies_keep_heap(monkeypatch):
+    import tip_ray.runtime.heap as heap
+
+    calls = []
+    monkeypatch.setattr(heap, "keep_process_heap", lambda: calls.append(1) or [])
+    from tip_ray.cli import compose
+    from tip_ray.trainer import Trainer
+
+    for setting, expected in (("true", 1), ("false", 0)):
+        calls.clear()
+        cfg = compose("train", [f"cluster.keep_heap={setting}", "student=/nonexistent/student"])
+        with pytest.raises((FileNotFoundError, ValueError)):
+            Trainer(cfg)
+        assert len(calls) == expected

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 
 from tip_ray.tip.signal import TeacherSignal
-from tip_ray.types import Generation, RolloutBatch, SamplingSettings, TrainBatch
+from tip_ray.types import Generation, RolloutBatch, SamplingSettings, SignalHandle, TrainBatch
 
 
 class Rollouts(Protocol):
@@ -27,7 +27,8 @@ class Rollouts(Protocol):
 
 class Teacher(Protocol):
     """Scores sequences [B, L] into a signal [B, L-1, K] (``score``, or ``launch_score`` without
-    waiting and ``collect_score``: several teachers score at once); generates for its own evaluation."""
+    waiting and ``collect_score``: several teachers score at once; ``score_stored`` with the
+    learner's handle to it); generates for its own evaluation."""
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               first_position: torch.Tensor | None = None) -> TeacherSignal: ...
@@ -36,6 +37,12 @@ class Teacher(Protocol):
                      first_position: torch.Tensor | None = None) -> Any: ...
 
     def collect_score(self, launch: Any) -> TeacherSignal: ...
+
+    def score_stored(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     first_position: torch.Tensor | None = None) -> tuple[TeacherSignal, TeacherSignal | SignalHandle]:
+        """``score``, and the form the learner should receive the signal in: a handle to it where
+        it already is (Ray's object store), or the signal itself."""
+        ...
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings) -> list[Generation]: ...
 

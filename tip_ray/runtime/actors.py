@@ -7,12 +7,23 @@ checks also run in-process.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
 import ray
 
 from tip_ray.config import LearnerConfig, LossConfig, RolloutConfig, SelectionConfig, TeacherConfig
+
+
+def _with_teacher_read(batch):
+    """``batch`` with its teacher signal itself: a ``StoredSignal`` (the driver's handle to the
+    teacher's results in the object store) is read here, in place; a signal is left as it is."""
+    from tip_ray.runtime.stored_signal import StoredSignal
+
+    if isinstance(batch.teacher, StoredSignal):
+        return dataclasses.replace(batch, teacher=batch.teacher.fetch())
+    return batch
 
 
 class LearnerActor:
@@ -52,13 +63,13 @@ class LearnerActor:
         self.worker = LearnerWorker(*self.configs)
 
     def train_step(self, batch):
-        return self.worker.train_step(batch)
+        return self.worker.train_step(_with_teacher_read(batch))
 
     def export_weights(self):
         return self.worker.export_weights()
 
     def evaluate_tokens(self, batch):
-        return self.worker.evaluate_tokens(batch)
+        return self.worker.evaluate_tokens(_with_teacher_read(batch))
 
     def save_state(self, directory: str) -> None:
         self.worker.save_state(directory)

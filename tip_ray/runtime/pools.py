@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import torch
@@ -40,6 +40,9 @@ from tip_ray.runtime.placement import PoolResources, on_bundle, reserve
 from tip_ray.teacher.layout import fill_padding
 from tip_ray.tip.signal import TeacherSignal
 from tip_ray.types import Generation, RolloutBatch, SamplingSettings
+
+if TYPE_CHECKING:
+    from tip_ray.runtime.stored_signal import StoredSignal
 
 # What a dead, restarting or unreachable actor raises (ActorDiedError, ActorUnavailableError).
 ACTOR_FAILURES = (ray.exceptions.RayActorError,)
@@ -548,3 +551,14 @@ class TeacherPool(ActorPool):
         """Wait for a ``launch_score``, with the pool's deadlines and retries: the signal [B, L-1, K]."""
         call, rows, length = launch
         return join_signals(self.finish(call), rows, length, self.vocab_size)
+
+    def score_stored(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     first_position: torch.Tensor | None = None) -> tuple[TeacherSignal, StoredSignal]:
+        """``score``, and the same signal as the refs of the actors' results in the object store
+        (``StoredSignal``: what the learner ranks read their rows from, in place)."""
+        from tip_ray.runtime.stored_signal import StoredSignal
+
+        call, rows, length = self.launch_score(input_ids, attention_mask, first_position)
+        signal = join_signals(self.finish(call), rows, length, self.vocab_size)
+        return signal, StoredSignal.of_shards([(s.rows, s.ref) for s in call.shards], rows, length - 1,
+                                              self.vocab_size)

@@ -11,7 +11,6 @@ at most ``faults.max_step_retries`` times. A learner rank that dies is the drive
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import ray
 
 from tip_ray.config import DEFAULT_TEACHER, TrainConfig, teacher_configs, teacher_placement
+from tip_ray.runtime.heap import malloc_env
 from tip_ray.runtime.learner_group import LearnerGroup
 from tip_ray.runtime.placement import PoolResources, check_fits
 from tip_ray.runtime.pools import ACTOR_FAILURES, PoolError, RolloutPool, TeacherPool
@@ -36,21 +36,12 @@ class RuntimeHooks:
     served_version: Callable[[], int]
 
 
-# glibc malloc in every actor (``cluster.keep_heap``): never mmap a block, never trim the heap. A
-# step's large tensors (logits, a full teacher distribution: 100s of MB) are otherwise fresh
-# mappings each time, page-faulted in and zeroed by the kernel on every step; kept in the heap
-# they are reused. Measured on a learner rank's full-distribution loss: 2.28 -> 1.34 s
-# (docs/benchmarks.md, session 13). A variable already set in the driver's environment is left as
-# it is (Ray also refuses a job whose runtime env and ray.init set the same one).
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
-
-
 def worker_env(keep_heap: bool = True) -> dict[str, str]:
     """The environment variables every actor of the run starts with (Ray's job runtime_env);
-    ``keep_heap``: with ``MALLOC_ENV``, less what the driver's environment sets already."""
-    malloc = MALLOC_ENV if keep_heap else {}
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            **{key: value for key, value in malloc.items() if key not in os.environ}}
+    ``keep_heap``: with glibc malloc set to keep its heap (``tip_ray.runtime.heap.MALLOC_ENV``),
+    less what the driver's environment sets already (Ray also refuses a job whose runtime env and
+    ray.init set the same one)."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **malloc_env(keep_heap)}
 
 
 def pool_resources(cfg: TrainConfig) -> dict[str, PoolResources]:

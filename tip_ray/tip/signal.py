@@ -77,6 +77,19 @@ class TeacherSignal:
         ids = None if self.topk_ids is None else self.topk_ids[mask]
         return ids, self.topk_logprobs[mask], self.sampled_logprobs[mask]
 
+    def take(self, index: torch.Tensor, positions: int) -> TeacherSignal:
+        """The rows ``index`` [N] (long, in that order) and their first ``positions`` positions:
+        [N, positions, K]. A view of this signal's storage when ``index`` is an ascending run of
+        consecutive rows (a learner rank's share of a batch: nothing copied), else a copy."""
+        index = index.to(torch.long)
+        start = int(index[0]) if index.numel() else 0
+        if index.numel() and torch.equal(index, torch.arange(start, start + index.numel(), device=index.device)):
+            rows: torch.Tensor | slice = slice(start, start + index.numel())
+        else:
+            rows = index
+        ids = None if self.topk_ids is None else self.topk_ids[rows, :positions]
+        return TeacherSignal(ids, self.topk_logprobs[rows, :positions], self.sampled_logprobs[rows, :positions])
+
     def with_ids(self) -> TeacherSignal:
         """This signal with explicit ids: a dense one gets ids 0..V-1 in id order at every position
         (int32; for joining it with top-K signals), any other is returned as it is."""
