@@ -112,3 +112,45 @@ def test_a_receiver_dying_mid_sync_raises_on_the_sender_which_forms_a_new_group(
         receiver.join(timeout=30)
         sender.close()
     assert names == exact == [m.name for m in METAS]
+
+
+def _reusing_receiver(plan, port: int, results) -> None:
+    """Three syncs: the first and the last copied out (``clone``), the second's views kept."""
+    group = WeightGroup(plan, 1, 2, "gloo", timeout_s=60, host="127.0.0.1", port=port)
+    storage = [[], [], []]
+    copied, kept = [], []
+    for sync in range(3):
+        for name, tensor in group.receive():
+            storage[sync].append(tensor.untyped_storage().data_ptr())
+            (kept.append((name, tensor)) if sync == 1 else copied.append((sync, name, tensor.clone())))
+        del tensor  # the loop's last view, which would keep its buffer from being reused
+    group.close()
+    exact = [all(torch.equal(t, tensors_for(s + 1)[n]) for s, n, t in copied),
+             all(torch.equal(t, tensors_for(2)[n]) for n, t in kept)]  # the kept views, after sync 3
+    results.put((storage, exact, len(copied), len(kept)))
+
+
+@pytest.mark.slow
+def test_a_receiver_reuses_its_buffers_unless_a_consumer_kept_views_of_them():
+    plan = plan_buckets(METAS, BUCKET_BYTES)
+    store, port = host_store("127.0.0.1", timeout_s=60)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    receiver = context.Process(target=_reusing_receiver, args=(plan, port, results))
+    receiver.start()
+    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
+    try:
+        for seed in (1, 2, 3):
+            for bucket in plan:
+                sender.send_bucket(bucket, tensors_for(seed))
+        storage, exact, copied, kept = results.get(timeout=60)
+    finally:
+        receiver.join(timeout=30)
+        sender.close()
+    assert exact == [True, True] and copied == kept * 2 == 2 * len(METAS)
+    first, second, third = (set(s) for s in storage)
+    # Copied out: the buckets land in a few buffers, reused from bucket to bucket and into the next sync.
+    assert len(first) < len(plan) and storage[1][0] in first
+    # Views kept: the next bucket of their slot, and the next sync, get fresh buffers, and the
+    # kept views still hold the second sync's weights (checked above).
+    assert len(second) > len(first) and not third & second

@@ -52,6 +52,13 @@ def buffer_device(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
+def _use_count(tensor: torch.Tensor) -> int | None:
+    """How many tensors (views included) share ``tensor``'s storage, plus a constant of the
+    probe; None where this torch build does not say (then no receive buffer is reused)."""
+    probe = getattr(torch._C, "_storage_Use_Count", None)
+    return None if probe is None else int(probe(tensor.untyped_storage()._cdata))
+
+
 class WeightGroupError(RuntimeError):
     """A broadcast of the weight group failed or did not finish within the group's timeout (a
     member died or stalled). This process lives on; the group is unusable: form it again."""
@@ -134,6 +141,9 @@ class WeightGroup:
         self._works: list[tuple[int, Any] | None] = [None, None]
         self._next = 0
         self.peak_buffer_bytes = 0
+        # Receiver state (CPU): two buffer slots, each with its storage's use count while only this
+        # group holds it, reused while no consumer holds a view of it.
+        self._received: list[tuple[torch.Tensor, int] | None] = [None, None]
         prefixed = dist.PrefixStore(_PREFIX, store)
         if backend == "gloo":
             self._group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
@@ -236,8 +246,10 @@ class WeightGroup:
         """Ranks > 0: the plan's ``(name, tensor)`` pairs (views on ``self.device``) as their
         buckets arrive.
 
-        Each bucket lands in a fresh buffer (a consumer may hold views of an earlier bucket
-        until a layer is complete). The whole iterator must be consumed, or the sender stalls;
+        Each bucket lands in a buffer no consumer holds a view of (a consumer may hold views of
+        an earlier bucket until a layer is complete, or keep them): on the CPU, one of two
+        buffers reused while nothing else holds them (``_receive_buffer``), else a fresh one. The
+        whole iterator must be consumed, or the sender stalls;
         ``WeightGroupError`` when a broadcast failed or timed out.
         """
         if self.rank == 0:
@@ -246,15 +258,32 @@ class WeightGroup:
         if self._broken is not None:
             raise self._failed(self._broken)
         for index, bucket in enumerate(self.plan):
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+            buffer = self._receive_buffer(index % 2, bucket.nbytes)
             self._wait(self._start_broadcast(buffer), index)
             yield from unpack(bucket, buffer)
+
+    def _receive_buffer(self, slot: int, nbytes: int) -> torch.Tensor:
+        """A uint8 [nbytes] buffer to receive a bucket into: on the CPU, receive ``slot``'s buffer
+        of an earlier bucket when it is large enough and no consumer holds a view of it any more
+        (the consumer copied what it kept), else a fresh one. Memory that was touched before
+        takes a bucket at the wire's speed; a fresh 256 MB buffer's pages, faulted in during the
+        transfer, made a sync 1.2-2.9 s instead of 0.1 s on a 2-core VM (docs/benchmarks.md
+        section 8, session 15). On CUDA a fresh buffer comes from the caching allocator's blocks."""
+        held = self._received[slot]
+        if held is not None and held[0].numel() >= nbytes and _use_count(held[0]) == held[1]:
+            return held[0][:nbytes]
+        self._received[slot] = None  # a consumer's views keep the old buffer alive, not this group
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        count = _use_count(buffer) if self.device.type == "cpu" else None
+        if count is not None:
+            self._received[slot] = (buffer, count)
+        return buffer
 
     def close(self) -> None:
         """Leave the group (this member only); the object is unusable after. A group that failed
         is aborted (its communicators may be mid-collective), a healthy one shut down."""
         group, self._group = getattr(self, "_group", None), None
-        self._works, self._slots = [None, None], [None, None]
+        self._works, self._slots, self._received = [None, None], [None, None], [None, None]
         if group is not None:
             if self._broken is not None and self.backend == "nccl":
                 group.abort()
