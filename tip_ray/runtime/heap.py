@@ -9,7 +9,7 @@ the driver, already running when it reads its config, through ``mallopt`` (``kee
 Measured: a learner rank's full-distribution loss 2.28 -> 1.34 s (docs/benchmarks.md, session 13);
 the driver's teacher-entropy metric 0.23-2.2 -> 0.07-0.2 s a step (session 15).
 
-Imports no Ray: the learner benchmark and the GPU check start their processes with it too.
+Imports no Ray.
 """
 
 from __future__ import annotations
