@@ -3,6 +3,7 @@ recoverable failure when a receiver dies (what the NCCL group is set up to do as
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 
@@ -36,6 +37,23 @@ def _dying_receiver(plan, port: int) -> None:
     os._exit(0)  # joined the group, gone before the broadcast
 
 
+@contextlib.contextmanager
+def _sender_and_receiver(plan, target, *args):
+    """Rank 0 of a new group here and rank 1 in a spawned process running ``target(plan, port,
+    *args, results)``; yields (sender, results queue), then joins the receiver and closes the sender."""
+    store, port = host_store("127.0.0.1", timeout_s=60)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    receiver = context.Process(target=target, args=(plan, port, *args, results))
+    receiver.start()
+    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
+    try:
+        yield sender, results
+    finally:
+        receiver.join(timeout=30)
+        sender.close()
+
+
 def _two_largest(plan) -> int:
     sizes = sorted((b.nbytes for b in plan), reverse=True)
     return sum(sizes[:2])
@@ -62,18 +80,9 @@ def test_the_sender_reuses_two_buffers_and_checks_plan_order():
 @pytest.mark.slow
 def test_a_receiver_gets_every_bucket_bit_for_bit_through_two_buffers():
     plan = plan_buckets(METAS, BUCKET_BYTES)
-    store, port = host_store("127.0.0.1", timeout_s=60)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    receiver = context.Process(target=_receiver, args=(plan, port, 3, results))
-    receiver.start()
-    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
-    try:
+    with _sender_and_receiver(plan, _receiver, 3) as (sender, results):
         sent = sum(sender.send_bucket(bucket, tensors_for(3)) for bucket in plan)
         names, exact = results.get(timeout=60)
-    finally:
-        receiver.join(timeout=30)
-        sender.close()
     assert sent == sum(b.nbytes for b in plan)
     assert names == exact == [m.name for m in METAS]
     assert sender.peak_buffer_bytes <= _two_largest(plan)
@@ -99,18 +108,10 @@ def test_a_receiver_dying_mid_sync_raises_on_the_sender_which_forms_a_new_group(
     sender.close()
 
     # This process lives on: a new group with a new receiver carries the weights.
-    store, port = host_store("127.0.0.1", timeout_s=60)
-    results = context.Queue()
-    receiver = context.Process(target=_receiver, args=(plan, port, 5, results))
-    receiver.start()
-    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
-    try:
+    with _sender_and_receiver(plan, _receiver, 5) as (sender, results):
         for bucket in plan:
             sender.send_bucket(bucket, tensors)
         names, exact = results.get(timeout=60)
-    finally:
-        receiver.join(timeout=30)
-        sender.close()
     assert names == exact == [m.name for m in METAS]
 
 
@@ -133,20 +134,11 @@ def _reusing_receiver(plan, port: int, results) -> None:
 @pytest.mark.slow
 def test_a_receiver_reuses_its_buffers_unless_a_consumer_kept_views_of_them():
     plan = plan_buckets(METAS, BUCKET_BYTES)
-    store, port = host_store("127.0.0.1", timeout_s=60)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    receiver = context.Process(target=_reusing_receiver, args=(plan, port, results))
-    receiver.start()
-    sender = WeightGroup(plan, 0, 2, "gloo", timeout_s=60, store=store)
-    try:
+    with _sender_and_receiver(plan, _reusing_receiver) as (sender, results):
         for seed in (1, 2, 3):
             for bucket in plan:
                 sender.send_bucket(bucket, tensors_for(seed))
         storage, exact, copied, kept = results.get(timeout=60)
-    finally:
-        receiver.join(timeout=30)
-        sender.close()
     assert exact == [True, True] and copied == kept * 2 == 2 * len(METAS)
     first, second, third = (set(s) for s in storage)
     # Copied out: the buckets land in a few buffers, reused from bucket to bucket and into the next sync.

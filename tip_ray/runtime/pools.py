@@ -108,7 +108,8 @@ def take_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return ids[:, :width].contiguous(), mask[:, :width].contiguous()
 
 
-def _check_cover(rows_per_part: Sequence[Sequence[int]], total: int) -> None:
+def check_row_cover(rows_per_part: Sequence[Sequence[int]], total: int) -> None:
+    """``ValueError`` unless the parts' rows hold each of ``range(total)`` exactly once."""
     seen = sorted(i for rows in rows_per_part for i in rows)
     if seen != list(range(total)):
         raise ValueError(f"the shards cover rows {seen}, not each of range({total}) exactly once")
@@ -125,7 +126,7 @@ def join_signals(parts: Sequence[tuple[Sequence[int], TeacherSignal]], total: in
     came through Ray's object store, as every received signal is (``tip_ray.tip.signal``)."""
     if not parts:
         raise ValueError("no teacher shards to join")
-    _check_cover([rows for rows, _ in parts], total)
+    check_row_cover([rows for rows, _ in parts], total)
     first = parts[0][1]
     k, dtype = first.k, first.topk_logprobs.dtype
     positions = length - 1
@@ -161,7 +162,7 @@ def join_rollouts(parts: Sequence[tuple[Sequence[int], RolloutBatch]], total: in
     policy version among the parts."""
     if not parts:
         raise ValueError("no rollout shards to join")
-    _check_cover([rows for rows, _ in parts], total)
+    check_row_cover([rows for rows, _ in parts], total)
     prompts: list[tuple[int, ...]] = [()] * total
     per_prompt: list[list[Generation]] = [[] for _ in range(total)]
     for rows, batch in parts:
@@ -558,7 +559,8 @@ class TeacherPool(ActorPool):
         (``StoredSignal``: what the learner ranks read their rows from, in place)."""
         from tip_ray.runtime.stored_signal import StoredSignal
 
-        call, rows, length = self.launch_score(input_ids, attention_mask, first_position)
-        signal = join_signals(self.finish(call), rows, length, self.vocab_size)
+        launch = self.launch_score(input_ids, attention_mask, first_position)
+        signal = self.collect_score(launch)
+        call, rows, length = launch
         return signal, StoredSignal.of_shards([(s.rows, s.ref) for s in call.shards], rows, length - 1,
                                               self.vocab_size)

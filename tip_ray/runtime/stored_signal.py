@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import torch
 
-from tip_ray.runtime.pools import join_signals
+from tip_ray.runtime.pools import check_row_cover, join_signals
 from tip_ray.tip.signal import TeacherSignal
 
 
@@ -53,11 +53,9 @@ class StoredSignal:
                   vocab_size: int) -> StoredSignal:
         """The signal [size, positions, K] that a pool call's ``shards`` make: per shard, the
         batch rows it scored (in the order of its result's rows) and the ref of its result."""
+        check_row_cover([rows for rows, _ in shards], size)
         parts = tuple(StoredPart(ref, torch.arange(len(rows)), torch.tensor(list(rows), dtype=torch.long))
                       for rows, ref in shards)
-        covered = torch.cat([p.batch_rows for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
-        if not torch.equal(covered.sort().values, torch.arange(size)):
-            raise ValueError(f"the teacher shards do not hold each of the {size} rows once")
         return cls(parts, size, positions, vocab_size)
 
     def take(self, index: torch.Tensor, positions: int) -> StoredSignal:
