@@ -13,6 +13,7 @@ def test_actors_keep_their_heap_unless_the_user_says_otherwise(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     env = worker_env()
     assert env["MALLOC_MMAP_MAX_"] == "0" and int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30
+    assert env["MALLOC_ARENA_MAX"] == "1"
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     # A setting of the user's own reaches the actors through the inherited environment, unchanged.
     monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
@@ -30,9 +31,10 @@ def test_keep_heap_is_a_cluster_key():
 
 # Run in a child process: mallopt changes the allocator of the whole process, and the pytest
 # process should keep glibc's own behaviour. It reports the variables applied, the bytes a 64 MiB
-# allocation took as a fresh mapping (glibc's mallinfo2), and the heap's size after its free.
+# allocation took as a fresh mapping (glibc's mallinfo2), the heap's size after its free, and the
+# bytes mapped while a second thread (as a collective's) holds a 100 MiB block.
 _HEAP_PROBE = """
-import ctypes, json, sys
+import ctypes, json, sys, threading
 from tip_ray.runtime.heap import keep_process_heap
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
@@ -46,7 +48,18 @@ before = libc.mallinfo2().hblkhd
 block = libc.malloc(64 << 20)
 mapped = libc.mallinfo2().hblkhd - before
 libc.free(block)
-print(json.dumps({"applied": applied, "mapped": mapped, "heap_after_free": libc.mallinfo2().arena}))
+heap_after_free = libc.mallinfo2().arena
+thread_mapped = []
+def in_a_thread():
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(100 << 20)
+    thread_mapped.append(libc.mallinfo2().hblkhd - before)
+    libc.free(block)
+thread = threading.Thread(target=in_a_thread)
+thread.start()
+thread.join()
+print(json.dumps({"applied": applied, "mapped": mapped, "heap_after_free": heap_after_free,
+                  "thread_mapped": thread_mapped[0]}))
 """
 
 
@@ -78,8 +91,19 @@ def test_the_driver_keeps_its_heap_through_mallopt():
 
 def test_the_drivers_own_malloc_setting_wins():
     probe = _probe("keep", MALLOC_MMAP_MAX_="65536")
-    assert probe["applied"] == ["MALLOC_TRIM_THRESHOLD_"]
+    assert probe["applied"] == ["MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"]
     assert probe["mapped"] >= 64 << 20  # mmap left on, as the user set it
+
+
+def test_a_threads_large_block_comes_from_the_kept_heap():
+    # glibc's own: a thread other than the main one has an arena of its own, and maps a block
+    # larger than that arena's heaps afresh (and unmaps it at its free) whatever M_MMAP_MAX says.
+    assert _probe("none")["thread_mapped"] >= 100 << 20
+    assert _probe("none", MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(16 << 30))["thread_mapped"] >= 100 << 20
+    # One arena: the thread's block comes from the main heap, set by mallopt (the driver) or by the
+    # environment the process starts with (the actors, worker_env).
+    assert _probe("keep")["thread_mapped"] == 0
+    assert _probe("none", **MALLOC_ENV)["thread_mapped"] == 0
 
 
 def test_the_trainer_applies_keep_heap(monkeypatch):

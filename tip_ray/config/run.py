@@ -67,11 +67,11 @@ class ClusterConfig:
     ``object_store_memory`` (bytes) sizes a local instance's object store; null leaves it to Ray
     (30% of the machine's memory, capped by the size of /dev/shm: a machine detail).
     ``keep_heap`` starts every actor with glibc malloc set to keep its heap (no ``mmap`` for large
-    blocks, no trimming: ``tip_ray.runtime.heap.MALLOC_ENV``), and sets the driver's own so
-    (``mallopt``): a step's large CPU tensors reuse memory instead of being page-faulted in again
-    each step (faster), at the price of a resident set that holds the largest step's memory,
-    fragmented (a higher CPU peak). Either variable set in the driver's environment is left as it
-    is, there and in the actors.
+    blocks, no trimming, one arena for every thread: ``tip_ray.runtime.heap.MALLOC_ENV``), and sets
+    the driver's own so (``mallopt``): a step's large CPU tensors reuse memory instead of being
+    page-faulted in again each step (faster), at the price of a resident set that holds the largest
+    step's memory, fragmented (a higher CPU peak). Any of these variables set in the driver's
+    environment is left as it is, there and in the actors.
     """
 
     address: str | None = None
