@@ -14,7 +14,7 @@ allocates from an arena of its own, whose heaps hold at most 64 MiB; glibc maps 
 there afresh whatever ``M_MMAP_MAX`` says, and unmaps it at its free. With one arena every thread
 allocates from the main heap, which keeps it. Measured: DeepSpeed ZeRO-1's all-gather in a
 learner rank's gloo thread (a 39M-parameter student, V = 151,936) page-faulted 150 MB in and took
-0.9-2.7 s of every step; with one arena no fault and 0.13 s (session 16).
+1.1-2.7 s of every step; with one arena no fault and 0.13 s (session 16).
 
 Imports no Ray.
 """
