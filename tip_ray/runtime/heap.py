@@ -40,9 +40,9 @@ def malloc_env(keep_heap: bool = True) -> dict[str, str]:
 def keep_process_heap() -> list[str]:
     """Apply ``malloc_env()`` to this running process through glibc's ``mallopt`` (allocations
     from now on; the arena limit binds the threads that have no arena yet: those that already
-    allocated keep theirs, so the ``Trainer`` calls it before Ray starts); returns the variables applied, in
-    ``MALLOC_ENV`` order.
-    Empty where the C library is not glibc (nothing to set) or the user set every variable."""
+    allocated keep theirs, so the ``Trainer`` calls it before Ray starts); returns the variables
+    applied, in ``MALLOC_ENV`` order. Empty where the C library is not glibc (nothing to set) or
+    the user set every variable."""
     wanted = malloc_env()
     if not wanted:
         return []
