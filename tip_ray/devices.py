@@ -74,6 +74,34 @@ def hide_unassigned_gpus() -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def assigned_visible(assigned: Sequence[int | str], visible: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that shows only the ``assigned`` GPUs (Ray's ids, as
+    ``visible_index`` takes them) out of ``visible`` (None: every device of the node), in their
+    visible order. ``ValueError`` as ``visible_index``."""
+    visible_index(assigned, visible)  # the same checks: something assigned, all of it visible
+    if visible is None:
+        return ",".join(str(i) for i in sorted(int(i) for i in assigned))
+    names = [v.strip() for v in visible.split(",") if v.strip()]
+    wanted = {str(i) for i in assigned}
+    return ",".join(name for name in names if name in wanted)
+
+
+def show_only_assigned_gpus() -> None:
+    """In a Ray actor, make CUDA show exactly the GPUs Ray assigned to it: none for an actor
+    given no GPU (``hide_unassigned_gpus``), and under ``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1``
+    only its own for one given GPUs. For the rollout and teacher actors: vLLM binds a
+    tensor-parallel engine's ranks to the visible devices 0 .. tp - 1 whatever Ray assigned, so
+    with every GPU of the node visible every engine on it would open GPU 0. Call it before CUDA
+    is initialised; a no-op outside Ray, and where Ray sets ``CUDA_VISIBLE_DEVICES`` itself."""
+    ids = _ray_gpu_ids()
+    if ids is None:
+        return
+    if not ids:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif os.environ.get(NOSET_ENV, "").lower() in ("1", "true"):  # as Ray reads it (its env_bool)
+        os.environ["CUDA_VISIBLE_DEVICES"] = assigned_visible(ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
 def local_gpu_index() -> int:
     """The CUDA device index (among the visible ones) this process computes on: the first GPU
     Ray assigned to this actor, or the current CUDA device outside Ray; 0 without CUDA (the

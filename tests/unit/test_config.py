@@ -12,6 +12,7 @@ from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
     [
         ({"zero_stage": 4}, "learner.zero_stage must be one of"),
         ({"zero_stage": 0, "dtype": "bf16"}, "learner.zero_stage=0 cannot train in learner.dtype=bf16"),
+        ({"zero_stage": 1, "dtype": "bf16"}, "learner.zero_stage=1 cannot train in learner.dtype=bf16: .*BF16_Optimizer"),
         ({"dtype": "fp16"}, "learner.dtype must be one of"),
         ({"lr": 0}, "learner.lr must be > 0"),
         ({"global_batch_size": 6, "world_size": 2, "micro_batch_size": 2}, "must be a positive multiple"),

@@ -8,8 +8,17 @@ import os
 import pytest
 import torch
 
+from tip_ray import devices
 from tip_ray.cli import compose
-from tip_ray.devices import compute_device, hide_unassigned_gpus, local_gpu_index, to_device, visible_index
+from tip_ray.devices import (
+    assigned_visible,
+    compute_device,
+    hide_unassigned_gpus,
+    local_gpu_index,
+    show_only_assigned_gpus,
+    to_device,
+    visible_index,
+)
 from tip_ray.runtime.placement import ResourceError, check_distinct_gpus
 
 # ---------------------------------------------------------------------------------------------
@@ -35,6 +44,35 @@ def test_an_unassigned_or_invisible_gpu_is_an_error():
         visible_index([], "0,1")
     with pytest.raises(ValueError, match="not all visible"):
         visible_index(["3"], "0,1")
+
+
+def test_the_assigned_gpus_alone_are_shown_in_their_visible_order():
+    assert assigned_visible([5], None) == "5"  # every GPU of the node visible
+    assert assigned_visible(["3", "1"], None) == "1,3"
+    assert assigned_visible(["6", "4"], "4,5,6,7") == "4,6"  # the raylet's own list: its entries
+    assert assigned_visible(["GPU-b"], "GPU-a,GPU-b") == "GPU-b"
+    with pytest.raises(ValueError, match="not all visible"):
+        assigned_visible(["3"], "0,1")
+    with pytest.raises(ValueError, match="no GPU is assigned"):
+        assigned_visible([], "0,1")
+
+
+@pytest.mark.parametrize(("noset", "assigned", "visible", "shown"), [
+    ("1", ["2", "3"], None, "2,3"),  # every GPU visible: vLLM would open GPU 0 on every actor
+    ("true", ["6"], "4,5,6,7", "6"),
+    (None, ["0"], "0", "0"),  # Ray set it to the assigned GPU itself: left as it is
+    ("0", ["2"], "0,1,2,3", "0,1,2,3"),  # Ray reads "0" as off, and so do we
+    ("1", [], "0,1", ""),  # an actor given no GPU sees none, whatever the mode
+])
+def test_a_rollout_or_teacher_actor_sees_only_its_own_gpus(monkeypatch, noset, assigned, visible, shown):
+    monkeypatch.setattr(devices, "_ray_gpu_ids", lambda: assigned)
+    for name, value in ((devices.NOSET_ENV, noset), ("CUDA_VISIBLE_DEVICES", visible)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    show_only_assigned_gpus()
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == shown
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour")
@@ -91,6 +129,11 @@ ONE_RANK = ["learner.world_size=1"]
     (["cluster.learner.gpus=1", "sync.transport=collective"], r"cluster.rollout.gpus = 0.0: the NCCL weight sync"),
     (["cluster=1node_8gpu", "rollout=hf", "learner.micro_batch_size=1"],
      r"sync.transport=collective needs rollout.engine=vllm"),
+    # A vLLM engine runs a worker on a GPU of its own per tensor-parallel rank.
+    (["rollout.tensor_parallel_size=2", "cluster.rollout.gpus=1"],
+     r"cluster.rollout.gpus = 1.0 but rollout.tensor_parallel_size = 2: .* set cluster.rollout.gpus to 2"),
+    (["teacher.backend=vllm", "teacher.tensor_parallel_size=2", "cluster.teacher.gpus=4"],
+     r"cluster.teacher.gpus = 4.0 but teacher.tensor_parallel_size = 2"),
 ])
 def test_layouts_nccl_cannot_run_are_refused_naming_the_key(overrides, message):
     with pytest.raises(SystemExit, match=message):
@@ -102,6 +145,8 @@ def test_layouts_nccl_cannot_run_are_refused_naming_the_key(overrides, message):
     ["cluster.learner.gpus=1", "cluster.rollout.gpus=0.5", "sync.transport=collective", "sync.backend=gloo"],
     ["cluster.learner.gpus=1", "cluster.rollout.gpus=2", "sync.transport=collective"],
     ["cluster.rollout.gpus=0.25", "cluster.teacher.gpus=0.25"],  # engines may share GPUs without NCCL
+    ["rollout.tensor_parallel_size=2", "cluster.rollout.gpus=2"],
+    ["rollout.tensor_parallel_size=2"],  # on the CPU: no GPU to count
 ])
 def test_layouts_that_can_run_are_accepted(overrides):
     compose("train", overrides)

@@ -204,8 +204,14 @@ class LearnerConfig:
             (self.vocab_chunk >= 1, f"learner.vocab_chunk must be >= 1, got {self.vocab_chunk}"),
             (not (self.zero_stage == 0 and self.dtype == "bf16"),
              "learner.zero_stage=0 cannot train in learner.dtype=bf16: DeepSpeed's stage 0 accumulates and "
-             "all-reduces bf16 gradients in bf16, where small late contributions are lost; use learner.zero_stage>=1 "
-             "(its bf16 optimizer accumulates them in fp32) or learner.dtype=fp32"),
+             "all-reduces bf16 gradients in bf16, where small late contributions are lost; use learner.zero_stage=2 "
+             "or 3 (the learner's DeepSpeed config has them accumulate in fp32) or learner.dtype=fp32"),
+            (not (self.zero_stage == 1 and self.dtype == "bf16"),
+             "learner.zero_stage=1 cannot train in learner.dtype=bf16: DeepSpeed accumulates a stage-1 bf16 "
+             "student's gradients in fp32 only through its BF16_Optimizer, which divides the step's gradient by "
+             "the micro-batch count although the learner's loss is already the global mean; use "
+             "learner.zero_stage=2 (the same sharded optimizer state, and sharded gradients) or 3, or "
+             "learner.dtype=fp32"),
             (not (self.single_forward is True and self.zero_stage == 3),
              "learner.single_forward=true cannot run under learner.zero_stage=3 (ZeRO-3's parameter partitioning "
              "gives wrong gradients with several micro-batch graphs held at once); set learner.single_forward=false, "

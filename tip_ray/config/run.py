@@ -10,7 +10,7 @@ from tip_ray.config.data import DataConfig, EvalConfig
 from tip_ray.config.engines import RolloutConfig, TeacherConfig
 from tip_ray.config.fields import identity, raise_first_failure
 from tip_ray.config.learning import LearnerConfig, LossConfig, SelectionConfig
-from tip_ray.config.routing import RoutingConfig, check_teachers, typed_entries
+from tip_ray.config.routing import RoutingConfig, check_teachers, teacher_placement, typed_entries
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -360,10 +360,26 @@ class TrainConfig:
         return self.sync.transport == "collective" and (
             self.sync.backend == "nccl" or (self.sync.backend == "auto" and on_gpu))
 
+    def _check_vllm_gpus(self) -> None:
+        """Refuse a vLLM engine on GPU given other than its ``tensor_parallel_size`` GPUs: vLLM
+        starts one worker per tensor-parallel rank on the visible devices 0 .. tp - 1, so with
+        fewer GPUs from Ray it fails inside the actor on a device it cannot open, and more sit idle."""
+        pools = [("rollout", self.rollout.engine, self.rollout.tensor_parallel_size, self.cluster.rollout, "rollout"),
+                 ("teacher", self.teacher.backend, self.teacher.tensor_parallel_size, self.cluster.teacher, "teacher")]
+        pools += [(f"teachers.{name}", t.backend, t.tensor_parallel_size, teacher_placement(self, name),
+                   f"teachers.{name}" if name in self.cluster.teachers else "teacher")
+                  for name, t in self.teachers.items()]
+        for key, engine, tp, placement, cluster_key in pools:
+            if engine == "vllm" and placement.gpus > 0 and tp > 1 and placement.gpus != tp:
+                raise ValueError(f"cluster.{cluster_key}.gpus = {placement.gpus} but {key}.tensor_parallel_size = "
+                                 f"{tp}: a vLLM engine runs one worker per tensor-parallel rank, each on a GPU of its "
+                                 f"own; set cluster.{cluster_key}.gpus to {tp}")
+
     def _check_gpu_layout(self) -> None:
         """Refuse layouts NCCL cannot run: two ranks of one group on one GPU (Ray places actors with
         fractional GPUs on a shared device), or an NCCL weight sync with a member off the GPU."""
         learner, rollout = self.cluster.learner, self.cluster.rollout
+        self._check_vllm_gpus()
         nccl_sync = self.sync_uses_nccl
         if 0 < learner.gpus < 1 and (self.learner.world_size > 1 or nccl_sync):
             group = (f"its {self.learner.world_size} ranks' NCCL group" if self.learner.world_size > 1

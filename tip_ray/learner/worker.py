@@ -45,6 +45,7 @@ import torch.distributed as dist
 from tip_ray.config import LearnerConfig, LossConfig, SelectionConfig
 from tip_ray.devices import to_device
 from tip_ray.learner import collectives
+from tip_ray.learner.engine_config import deepspeed_config
 from tip_ray.learner.lora import adapter_parameters, save_adapter, served_tensors
 from tip_ray.learner.student import build_student
 from tip_ray.sync.buckets import Bucket, TensorMeta, dtype_name
@@ -140,18 +141,8 @@ class LearnerWorker:
         else:
             optimizer = torch.optim.SGD(params, lr=learner.lr, weight_decay=learner.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": learner.micro_batch_size,
-            "gradient_accumulation_steps": learner.grad_accumulation_steps,
-            "gradient_clipping": learner.grad_clip,
-            "zero_optimization": {"stage": learner.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": learner.dtype == "bf16"},
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
         self.engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
+                                               config=deepspeed_config(learner))
         self.device = torch.device(self.engine.device)
         # DeepSpeed reports the gradient norm from its ZeRO and bf16 optimizers; ZeRO-0 in fp32
         # steps the torch optimizer itself and keeps no norm, so the worker measures it.

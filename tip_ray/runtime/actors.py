@@ -106,10 +106,10 @@ class RolloutActor:
     """One rollout engine."""
 
     def __init__(self, cfg: RolloutConfig, model: str, index: int) -> None:
-        from tip_ray.devices import hide_unassigned_gpus
+        from tip_ray.devices import show_only_assigned_gpus
         from tip_ray.rollout.worker import RolloutWorker
 
-        hide_unassigned_gpus()
+        show_only_assigned_gpus()
         self.worker = RolloutWorker(cfg, model, index)
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int] | None = None, sampling=None):
@@ -142,10 +142,10 @@ class TeacherActor:
     """One teacher scorer."""
 
     def __init__(self, cfg: TeacherConfig) -> None:
-        from tip_ray.devices import hide_unassigned_gpus
+        from tip_ray.devices import show_only_assigned_gpus
         from tip_ray.teacher.worker import TeacherWorker
 
-        hide_unassigned_gpus()
+        show_only_assigned_gpus()
         self.worker = TeacherWorker(cfg)
 
     def score(self, input_ids, attention_mask, first_position=None):
