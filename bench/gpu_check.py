@@ -522,6 +522,9 @@ def memory_child(plan: Plan, model: str, result_path: Path, smoke: bool) -> int:
             "kept_tokens": metrics.kept_tokens, "valid_tokens": metrics.valid_tokens,
             "budget": budget_for(ratio, metrics.valid_tokens), "grad_norm": (optim or {}).get("grad_norm"),
             "weights_finite": bool((optim or {}).get("weights_finite", 0.0)), "seconds": seconds,
+            # statistics / selection / gradient / optimizer: the statistics pass is the lm_head over
+            # every response row (upcast to float32 from a bf16 head), the gradient pass the kept rows'
+            "phase_seconds": dict(metrics.phase_seconds),
         })
         write()
     worker.close()
@@ -563,12 +566,14 @@ def memory_table(doc: dict[str, Any]) -> str:
     lines = [f"learner peak memory, one step ({doc.get('device', '?')}; {doc.get('metric', '')}; "
              f"gradient checkpointing {doc.get('gradient_checkpointing')})",
              f"{'ratio':>6} {'kept/valid':>13} {'peak MiB':>10} {'at rest MiB':>12} {'step MiB':>9} "
-             f"{'peak/r1':>8} {'step/r1':>8} {'loss':>9} {'s':>6}"]
+             f"{'peak/r1':>8} {'step/r1':>8} {'loss':>9} {'s':>6} {'stats s':>8} {'grad s':>7}"]
     for c in doc.get("cases", []):
         lines.append(f"{c['ratio']:>6g} {c['kept_tokens']:>6}/{c['valid_tokens']:<6} {c['peak_bytes'] / MIB:>10.1f} "
                      f"{c['at_rest_bytes'] / MIB:>12.1f} {c['step_bytes'] / MIB:>9.1f} "
                      f"{c.get('peak_vs_ratio_1', float('nan')):>8.3f} {c.get('step_vs_ratio_1', float('nan')):>8.3f} "
-                     f"{c['loss']:>9.4f} {c['seconds']:>6.2f}")
+                     f"{c['loss']:>9.4f} {c['seconds']:>6.2f} "
+                     f"{c.get('phase_seconds', {}).get('statistics', float('nan')):>8.2f} "
+                     f"{c.get('phase_seconds', {}).get('gradient', float('nan')):>7.2f}")
     return "\n".join(lines)
 
 

@@ -141,8 +141,11 @@ def test_a_receiver_reuses_its_buffers_unless_a_consumer_kept_views_of_them():
         storage, exact, copied, kept = results.get(timeout=60)
     assert exact == [True, True] and copied == kept * 2 == 2 * len(METAS)
     first, second, third = (set(s) for s in storage)
-    # Copied out: the buckets land in a few buffers, reused from bucket to bucket and into the next sync.
-    assert len(first) < len(plan) and storage[1][0] in first
+    # Copied out: the buckets land in a few buffers, reused from bucket to bucket and into the next
+    # sync. Into the next sync through either slot: gloo's worker thread may still hold the work of
+    # the sync's last bucket (and so its buffer) for a moment after wait() returned, and a buffer
+    # still held is not reused (a fresh one costs time, never correctness).
+    assert len(first) < len(plan) and set(storage[1][:2]) & first
     # Views kept: the next bucket of their slot, and the next sync, get fresh buffers, and the
     # kept views still hold the second sync's weights (checked above).
     assert len(second) > len(first) and not third & second
