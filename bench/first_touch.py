@@ -5,9 +5,9 @@ afresh each step) pays one page fault per 4 KiB page it touches first: a few mic
 the kernel holds the page already. On a virtual machine whose host takes freed guest memory back
 (virtio-balloon free page reporting: feature bit 5 of the balloon device, which the machines of
 this project have), a page the host has reclaimed faults on the host as well, and a first touch
-can cost ten times as much: this is
-why a step that grows a process's memory is slower than the steady steps after it, and why
-``cluster.keep_heap`` pays (docs/benchmarks.md section 8, sessions 16-17).
+can cost ten times as much: this is why a step that grows a process's memory is slower than the
+steady steps after it, and why ``cluster.keep_heap`` pays (docs/benchmarks.md section 8,
+sessions 16-17).
 
 Each case maps ``size`` MiB of anonymous memory, writes one byte per page, and unmaps it again,
 ``--repeats`` times in a row (a region unmapped is handed straight back to the next mapping while

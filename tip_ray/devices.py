@@ -93,12 +93,9 @@ def show_only_assigned_gpus() -> None:
     tensor-parallel engine's ranks to the visible devices 0 .. tp - 1 whatever Ray assigned, so
     with every GPU of the node visible every engine on it would open GPU 0. Call it before CUDA
     is initialised; a no-op outside Ray, and where Ray sets ``CUDA_VISIBLE_DEVICES`` itself."""
+    hide_unassigned_gpus()
     ids = _ray_gpu_ids()
-    if ids is None:
-        return
-    if not ids:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif os.environ.get(NOSET_ENV, "").lower() in ("1", "true"):  # as Ray reads it (its env_bool)
+    if ids and os.environ.get(NOSET_ENV, "").lower() in ("1", "true"):  # as Ray reads it (its env_bool)
         os.environ["CUDA_VISIBLE_DEVICES"] = assigned_visible(ids, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
