@@ -141,9 +141,12 @@ class WeightGroup:
         self._works: list[tuple[int, Any] | None] = [None, None]
         self._next = 0
         self.peak_buffer_bytes = 0
-        # Receiver state (CPU): two buffer slots, each with its storage's use count while only this
-        # group holds it, reused while no consumer holds a view of it.
-        self._received: list[tuple[torch.Tensor, int] | None] = [None, None]
+        # Receiver state (CPU): two buffer slots, each (buffer, the view of it last handed out, the
+        # storage's use count while only those two hold it), reused while no consumer holds a view.
+        # The handed-out view counts once however many hold it: the receive loop does, and so may
+        # gloo's finished work for a moment after wait() returned (measured: at up to 37% of sync
+        # starts), which must not keep the buffer from being reused.
+        self._received: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None, None]
         prefixed = dist.PrefixStore(_PREFIX, store)
         if backend == "gloo":
             self._group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
@@ -270,13 +273,16 @@ class WeightGroup:
         transfer, made a sync 1.2-2.9 s instead of 0.1 s on a 2-core VM (docs/benchmarks.md
         section 8, session 15). On CUDA a fresh buffer comes from the caching allocator's blocks."""
         held = self._received[slot]
-        if held is not None and held[0].numel() >= nbytes and _use_count(held[0]) == held[1]:
-            return held[0][:nbytes]
+        if held is not None and held[0].numel() >= nbytes and _use_count(held[0]) == held[2]:
+            buffer = held[0][:nbytes]
+            self._received[slot] = (held[0], buffer, held[2])
+            return buffer
         self._received[slot] = None  # a consumer's views keep the old buffer alive, not this group
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        count = _use_count(buffer) if self.device.type == "cpu" else None
+        base = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        buffer = base[:nbytes]
+        count = _use_count(base) if self.device.type == "cpu" else None
         if count is not None:
-            self._received[slot] = (buffer, count)
+            self._received[slot] = (base, buffer, count)
         return buffer
 
     def close(self) -> None:
