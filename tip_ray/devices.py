@@ -44,12 +44,19 @@ def visible_index(assigned: Sequence[int | str], visible: str | None) -> int:
         raise ValueError("no GPU is assigned to this actor")
     if visible is None:
         return min(int(i) for i in assigned)
-    names = [v.strip() for v in visible.split(",") if v.strip()]
-    missing = [str(i) for i in assigned if str(i) not in names]
+    names = _device_names(visible)
+    missing = [i for i in _device_names(assigned) if i not in names]
     if missing:
         raise ValueError(f"the GPUs Ray assigned to this actor ({list(assigned)}) are not all visible: "
                          f"CUDA_VISIBLE_DEVICES={visible!r}")
-    return min(names.index(str(i)) for i in assigned)
+    return min(names.index(i) for i in _device_names(assigned))
+
+
+def _device_names(devices: str | Sequence[int | str]) -> list[str]:
+    """Device ids as strings without blanks: from a ``CUDA_VISIBLE_DEVICES`` value, or from Ray's
+    ids (Ray splits that variable on commas without stripping, so ``"4, 6"`` gives it ``" 6"``)."""
+    items = devices.split(",") if isinstance(devices, str) else devices
+    return [str(d).strip() for d in items if str(d).strip()]
 
 
 def _ray_gpu_ids() -> list[int | str] | None:
@@ -81,9 +88,8 @@ def assigned_visible(assigned: Sequence[int | str], visible: str | None) -> str:
     visible_index(assigned, visible)  # the same checks: something assigned, all of it visible
     if visible is None:
         return ",".join(str(i) for i in sorted(int(i) for i in assigned))
-    names = [v.strip() for v in visible.split(",") if v.strip()]
-    wanted = {str(i) for i in assigned}
-    return ",".join(name for name in names if name in wanted)
+    wanted = set(_device_names(assigned))
+    return ",".join(name for name in _device_names(visible) if name in wanted)
 
 
 def show_only_assigned_gpus() -> None:

@@ -65,6 +65,7 @@ def _one_step(_rank: int, port: int, stage: int, out: str) -> None:
     torch.save({"weights": weights, "grad_accum_dtype": engine.get_data_types()[1]}, out)
 
 
+@pytest.mark.timeout(300)  # a hang in gloo or DeepSpeed's start-up fails the test, not the suite
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_micro_batch_gradients_accumulate_in_float32(stage, tmp_path):
     out = tmp_path / f"zero{stage}.pt"

@@ -37,6 +37,8 @@ def test_without_ray_setting_it_the_assigned_gpu_is_found_among_the_visible_ones
     # ... or the raylet's own CUDA_VISIBLE_DEVICES, in which Ray's ids are entries.
     assert visible_index(["6"], "4,5,6,7") == 2
     assert visible_index(["7", "5"], "4,5,6,7") == 1
+    # Ray splits the raylet's list on commas without stripping: "4, 6" gives it the id " 6".
+    assert visible_index([" 6"], "4, 6") == 1 and assigned_visible([" 6"], "4, 6") == "6"
 
 
 def test_an_unassigned_or_invisible_gpu_is_an_error():
@@ -134,6 +136,12 @@ ONE_RANK = ["learner.world_size=1"]
      r"cluster.rollout.gpus = 1.0 but rollout.tensor_parallel_size = 2: .* set cluster.rollout.gpus to 2"),
     (["teacher.backend=vllm", "teacher.tensor_parallel_size=2", "cluster.teacher.gpus=4"],
      r"cluster.teacher.gpus = 4.0 but teacher.tensor_parallel_size = 2"),
+    (["cluster.rollout.gpus=2"], r"cluster.rollout.gpus = 2.0 but rollout.tensor_parallel_size = 1"),
+    # A named teacher without a cluster entry of its own takes cluster.teacher's: the fix is its own entry.
+    (["+teachers.weak.model=x", "+teachers.weak.backend=vllm", "+teachers.weak.tensor_parallel_size=2",
+      "cluster.teacher.gpus=1", "routing.field=family"],
+     r"cluster.teacher.gpus = 1.0 but teachers.weak.tensor_parallel_size = 2: .* give it cluster.teachers.weak "
+     r"with gpus 2 \(it takes cluster.teacher's placement now\)"),
 ])
 def test_layouts_nccl_cannot_run_are_refused_naming_the_key(overrides, message):
     with pytest.raises(SystemExit, match=message):
@@ -143,7 +151,7 @@ def test_layouts_nccl_cannot_run_are_refused_naming_the_key(overrides, message):
 @pytest.mark.parametrize("overrides", [
     [*ONE_RANK, "cluster.learner.gpus=0.5"],  # one rank, weights through the object store
     ["cluster.learner.gpus=1", "cluster.rollout.gpus=0.5", "sync.transport=collective", "sync.backend=gloo"],
-    ["cluster.learner.gpus=1", "cluster.rollout.gpus=2", "sync.transport=collective"],
+    ["cluster.learner.gpus=1", "rollout.tensor_parallel_size=2", "cluster.rollout.gpus=2", "sync.transport=collective"],
     ["cluster.rollout.gpus=0.25", "cluster.teacher.gpus=0.25"],  # engines may share GPUs without NCCL
     ["rollout.tensor_parallel_size=2", "cluster.rollout.gpus=2"],
     ["rollout.tensor_parallel_size=2"],  # on the CPU: no GPU to count

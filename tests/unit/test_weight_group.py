@@ -77,7 +77,7 @@ def test_the_sender_reuses_two_buffers_and_checks_plan_order():
         group.close()
 
 
-def test_a_receive_buffer_is_reused_however_long_its_handed_out_view_is_held_but_not_under_a_consumers_views():
+def test_a_receive_buffer_is_reused_however_long_its_handed_out_view_is_held_but_not_under_a_consumers_hold():
     plan = plan_buckets(METAS, BUCKET_BYTES)
     store, _ = host_store("127.0.0.1", timeout_s=30)
     group = WeightGroup(plan, 0, 1, "gloo", timeout_s=30, store=store)
@@ -96,8 +96,17 @@ def test_a_receive_buffer_is_reused_however_long_its_handed_out_view_is_held_but
         fresh = group._receive_buffer(0, 64)
         fresh.fill_(0)
         assert address(fresh) != first and bool((kept.view(torch.uint8) == 7).all())
+        # A consumer keeps the storage itself, not a view (vLLM's loaders look at storages): the
+        # same. Its Python object is the one the probe gets, so it is counted by its references.
+        second = address(fresh)
+        del kept, fresh
+        wire = group._receive_buffer(0, 64)
+        assert address(wire) == second  # the consumer let go: reused
+        storage = wire[8:16].untyped_storage()
+        third = address(group._receive_buffer(0, 64))
+        assert third != second and storage.data_ptr() == second
         # Each slot has its own buffer; slot 1's first is fresh too.
-        assert address(group._receive_buffer(1, 64)) not in (first, address(fresh))
+        assert address(group._receive_buffer(1, 64)) not in (second, third)
     finally:
         group.close()
 

@@ -363,17 +363,21 @@ class TrainConfig:
     def _check_vllm_gpus(self) -> None:
         """Refuse a vLLM engine on GPU given other than its ``tensor_parallel_size`` GPUs: vLLM
         starts one worker per tensor-parallel rank on the visible devices 0 .. tp - 1, so with
-        fewer GPUs from Ray it fails inside the actor on a device it cannot open, and more sit idle."""
+        fewer GPUs from Ray it fails inside the actor on a device it cannot open, and more sit
+        idle. A fraction of a GPU is allowed at tensor-parallel size 1 (engines sharing a device)."""
         pools = [("rollout", self.rollout.engine, self.rollout.tensor_parallel_size, self.cluster.rollout, "rollout"),
                  ("teacher", self.teacher.backend, self.teacher.tensor_parallel_size, self.cluster.teacher, "teacher")]
         pools += [(f"teachers.{name}", t.backend, t.tensor_parallel_size, teacher_placement(self, name),
                    f"teachers.{name}" if name in self.cluster.teachers else "teacher")
                   for name, t in self.teachers.items()]
         for key, engine, tp, placement, cluster_key in pools:
-            if engine == "vllm" and placement.gpus > 0 and tp > 1 and placement.gpus != tp:
+            shares_a_gpu = tp == 1 and placement.gpus < 1
+            if engine == "vllm" and placement.gpus > 0 and placement.gpus != tp and not shares_a_gpu:
+                fix = (f"set cluster.{key}.gpus to {tp}" if cluster_key == key else  # a named teacher borrowing
+                       f"give it cluster.{key} with gpus {tp} (it takes cluster.{cluster_key}'s placement now)")
                 raise ValueError(f"cluster.{cluster_key}.gpus = {placement.gpus} but {key}.tensor_parallel_size = "
                                  f"{tp}: a vLLM engine runs one worker per tensor-parallel rank, each on a GPU of its "
-                                 f"own; set cluster.{cluster_key}.gpus to {tp}")
+                                 f"own; {fix}")
 
     def _check_gpu_layout(self) -> None:
         """Refuse layouts NCCL cannot run: two ranks of one group on one GPU (Ray places actors with

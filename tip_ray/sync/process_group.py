@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -52,11 +53,16 @@ def buffer_device(backend: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
-def _use_count(tensor: torch.Tensor) -> int | None:
-    """How many tensors (views included) share ``tensor``'s storage, plus a constant of the
-    probe; None where this torch build does not say (then no receive buffer is reused)."""
+def _holders(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """Who holds ``tensor``'s storage: (tensors sharing it, views included; Python references to
+    its storage object, which a consumer keeping ``untyped_storage()`` adds to), each plus a
+    constant of the probe; None where this torch build does not say (then no receive buffer is
+    reused)."""
     probe = getattr(torch._C, "_storage_Use_Count", None)
-    return None if probe is None else int(probe(tensor.untyped_storage()._cdata))
+    if probe is None:
+        return None
+    storage = tensor.untyped_storage()  # the storage's one Python object, when something keeps it
+    return int(probe(storage._cdata)), sys.getrefcount(storage)
 
 
 class WeightGroupError(RuntimeError):
@@ -142,11 +148,11 @@ class WeightGroup:
         self._next = 0
         self.peak_buffer_bytes = 0
         # Receiver state (CPU): two buffer slots, each (buffer, the view of it last handed out, the
-        # storage's use count while only those two hold it), reused while no consumer holds a view.
+        # storage's holders while only those two hold it), reused while no consumer holds a view.
         # The handed-out view counts once however many hold it: the receive loop does, and so may
         # gloo's finished work for a moment after wait() returned (measured: at up to 37% of sync
         # starts), which must not keep the buffer from being reused.
-        self._received: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None, None]
+        self._received: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]] | None] = [None, None]
         prefixed = dist.PrefixStore(_PREFIX, store)
         if backend == "gloo":
             self._group = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
@@ -273,16 +279,16 @@ class WeightGroup:
         transfer, made a sync 1.2-2.9 s instead of 0.1 s on a 2-core VM (docs/benchmarks.md
         section 8, session 15). On CUDA a fresh buffer comes from the caching allocator's blocks."""
         held = self._received[slot]
-        if held is not None and held[0].numel() >= nbytes and _use_count(held[0]) == held[2]:
+        if held is not None and held[0].numel() >= nbytes and _holders(held[0]) == held[2]:
             buffer = held[0][:nbytes]
             self._received[slot] = (held[0], buffer, held[2])
             return buffer
         self._received[slot] = None  # a consumer's views keep the old buffer alive, not this group
         base = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         buffer = base[:nbytes]
-        count = _use_count(base) if self.device.type == "cpu" else None
-        if count is not None:
-            self._received[slot] = (base, buffer, count)
+        holders = _holders(base) if self.device.type == "cpu" else None
+        if holders is not None:
+            self._received[slot] = (base, buffer, holders)
         return buffer
 
     def close(self) -> None:
