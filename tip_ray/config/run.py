@@ -373,7 +373,7 @@ class TrainConfig:
         for key, engine, tp, placement, cluster_key in pools:
             shares_a_gpu = tp == 1 and placement.gpus < 1
             if engine == "vllm" and placement.gpus > 0 and placement.gpus != tp and not shares_a_gpu:
-                fix = (f"set cluster.{key}.gpus to {tp}" if cluster_key == key else  # a named teacher borrowing
+                fix = (f"set cluster.{key}.gpus to {tp}" if cluster_key == key else
                        f"give it cluster.{key} with gpus {tp} (it takes cluster.{cluster_key}'s placement now)")
                 raise ValueError(f"cluster.{cluster_key}.gpus = {placement.gpus} but {key}.tensor_parallel_size = "
                                  f"{tp}: a vLLM engine runs one worker per tensor-parallel rank, each on a GPU of its "
