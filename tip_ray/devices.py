@@ -44,12 +44,11 @@ def visible_index(assigned: Sequence[int | str], visible: str | None) -> int:
         raise ValueError("no GPU is assigned to this actor")
     if visible is None:
         return min(int(i) for i in assigned)
-    names = _device_names(visible)
-    missing = [i for i in _device_names(assigned) if i not in names]
-    if missing:
+    names, wanted = _device_names(visible), _device_names(assigned)
+    if any(i not in names for i in wanted):
         raise ValueError(f"the GPUs Ray assigned to this actor ({list(assigned)}) are not all visible: "
                          f"CUDA_VISIBLE_DEVICES={visible!r}")
-    return min(names.index(i) for i in _device_names(assigned))
+    return min(names.index(i) for i in wanted)
 
 
 def _device_names(devices: str | Sequence[int | str]) -> list[str]:
